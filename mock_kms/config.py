@@ -1,0 +1,39 @@
+"""Every limit of the KMS as a named constant, in one frozen value.
+
+    >>> from mock_kms.config import LIMITS
+    >>> LIMITS.max_optional_field
+    1024
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    # Attestation documents. The NSM answers with at most 12 KiB, so a document is smaller.
+    max_document_size: int = 16 * 1024
+    # module_id is "i-<17 hex>-enc<16 hex>" in practice; leave room, not megabytes.
+    max_module_id: int = 256
+    # public_key, user_data and nonce: the NSM accepts 1024 bytes each (not 512).
+    max_optional_field: int = 1024
+    # One DER certificate. Real Nitro certificates are 500 to 700 bytes.
+    max_certificate_size: int = 4096
+    # cabundle is [root, regional, zonal, instance] on real documents.
+    max_cabundle_length: int = 8
+    # The NSM has 32 PCRs; documents carry 16.
+    max_pcr_count: int = 32
+    max_pcr_index: int = 31
+    # CBOR nesting needed by the format is 3 (array > map > map); allow a little more.
+    max_cbor_depth: int = 8
+    # A document older than this (against the verification time) is refused.
+    max_document_age: datetime.timedelta = datetime.timedelta(minutes=5)
+    # How far in the future a document timestamp may be (clocks drift).
+    clock_skew: datetime.timedelta = datetime.timedelta(seconds=60)
+    # Verified intermediate chains kept in memory.
+    chain_cache_size: int = 64
+
+
+LIMITS = Limits()

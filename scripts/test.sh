@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs everything the tests need (a virtualenv with the Python packages, the npm packages
+# for anvil, cast and solc) and runs lint, type checks and the whole test suite.
+# Usage: scripts/test.sh [pytest arguments...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+PYTHON="${PYTHON:-python3.11}"
+command -v "$PYTHON" >/dev/null 2>&1 || PYTHON=python3
+if [ ! -x .venv/bin/python ]; then
+  "$PYTHON" -m venv .venv
+fi
+.venv/bin/python -m pip install --quiet --upgrade pip
+.venv/bin/python -m pip install --quiet -e '.[test]'
+if [ -f package.json ]; then
+  npm ci --no-audit --no-fund --loglevel=error
+fi
+
+echo "== ruff"
+.venv/bin/ruff check .
+echo "== mypy (strict)"
+.venv/bin/mypy
+if [ -n "$(find scripts examples -name '*.sh' 2>/dev/null)" ]; then
+  echo "== shellcheck"
+  .venv/bin/shellcheck $(find scripts examples -name '*.sh' 2>/dev/null | sort)
+fi
+echo "== pytest"
+# pytest exits 5 when it collected no test: that is a failure here, as any non-zero exit.
+exec .venv/bin/python -m pytest "$@"
