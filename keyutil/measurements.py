@@ -50,9 +50,7 @@ def pcr_from_hex(text: str, *, name: str = "PCR") -> bytes:
         raise MeasurementError(f"{name} must be hex digits; found {text[:20]!r}")
     value = bytes.fromhex(match.group(1))
     if len(value) not in PCR_LENGTHS:
-        raise MeasurementError(
-            f"{name} must be 32, 48 or 64 bytes; found {len(value)} bytes"
-        )
+        raise MeasurementError(f"{name} must be 32, 48 or 64 bytes; found {len(value)} bytes")
     return value
 
 

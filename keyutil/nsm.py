@@ -22,6 +22,7 @@ import errno
 import fcntl
 import os
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -42,6 +43,7 @@ def _iowr(magic: int, number: int, size: int) -> int:
 NSM_IOCTL_REQUEST = _iowr(NSM_IOCTL_MAGIC, 0, NSM_MESSAGE_SIZE)  # 0xC0200A00
 
 NsmKind = Literal["device", "simulator", "auto"]
+IoctlFn = Callable[[int, int, bytearray, bool], Any]
 
 
 class NsmError(Exception):
@@ -67,9 +69,7 @@ class NSM(Protocol):
         ...
 
 
-def check_fields(
-    user_data: bytes | None, nonce: bytes | None, public_key: bytes | None
-) -> None:
+def check_fields(user_data: bytes | None, nonce: bytes | None, public_key: bytes | None) -> None:
     for name, value in (("user_data", user_data), ("nonce", nonce), ("public_key", public_key)):
         if value is not None and len(value) > NSM_FIELD_MAX:
             raise NsmError(
@@ -110,10 +110,15 @@ def decode_attestation_response(response: bytes) -> bytes:
 
 
 class DeviceNSM:
-    """The real NSM, through ``/dev/nsm``. Opened per request; nothing is held open."""
+    """The real NSM, through ``/dev/nsm``. Opened per request; nothing is held open.
 
-    def __init__(self, path: str = NSM_DEVICE) -> None:
+    ``ioctl`` is the system call (``fcntl.ioctl``); tests pass a function that plays the
+    kernel's side of the contract.
+    """
+
+    def __init__(self, path: str = NSM_DEVICE, *, ioctl: IoctlFn = fcntl.ioctl) -> None:
         self.path = path
+        self._ioctl = ioctl
 
     def attestation(
         self,
@@ -150,7 +155,7 @@ class DeviceNSM:
                 )
             )
             try:
-                fcntl.ioctl(fd, NSM_IOCTL_REQUEST, message, True)
+                self._ioctl(fd, NSM_IOCTL_REQUEST, message, True)
             except OSError as e:
                 reason = (
                     "it is not an NSM device" if e.errno in (errno.ENOTTY, errno.EINVAL) else ""

@@ -219,8 +219,7 @@ def _parse_pcrs(value: object, digest: str, limits: Limits) -> dict[int, bytes]:
         if len(pcr) != expected_len:
             raise _fail(
                 ErrorCode.PCR_INVALID,
-                f"PCR{index}: expected {expected_len} bytes for digest {digest}; "
-                f"found {len(pcr)}",
+                f"PCR{index}: expected {expected_len} bytes for digest {digest}; found {len(pcr)}",
             )
         pcrs[index] = pcr
     for index in (0, 1, 2):
@@ -256,8 +255,7 @@ def parse_attestation(data: bytes, *, limits: Limits = LIMITS) -> AttestationDoc
     if len(data) > limits.max_document_size:
         raise _fail(
             ErrorCode.INPUT_TOO_LARGE,
-            f"expected a document of at most {limits.max_document_size} bytes; "
-            f"found {len(data)}",
+            f"expected a document of at most {limits.max_document_size} bytes; found {len(data)}",
         )
     protected, payload, signature = _parse_cose_envelope(data, limits)
     fields = _parse_payload(payload, limits)

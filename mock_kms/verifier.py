@@ -260,9 +260,7 @@ class AttestationVerifier:
         r = int.from_bytes(doc.signature[:48], "big")
         s = int.from_bytes(doc.signature[48:], "big")
         try:
-            key.verify(
-                encode_dss_signature(r, s), doc.sig_structure(), ec.ECDSA(hashes.SHA384())
-            )
+            key.verify(encode_dss_signature(r, s), doc.sig_structure(), ec.ECDSA(hashes.SHA384()))
         except InvalidSignature:
             raise _fail(
                 ErrorCode.SIGNATURE_INVALID,
