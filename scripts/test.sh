@@ -20,9 +20,10 @@ echo "== ruff"
 .venv/bin/ruff check .
 echo "== mypy (strict)"
 .venv/bin/mypy
-if [ -n "$(find scripts examples -name '*.sh' 2>/dev/null)" ]; then
+mapfile -t shell_scripts < <(find scripts examples -name '*.sh' 2>/dev/null | sort)
+if [ "${#shell_scripts[@]}" -gt 0 ]; then
   echo "== shellcheck"
-  .venv/bin/shellcheck $(find scripts examples -name '*.sh' 2>/dev/null | sort)
+  .venv/bin/shellcheck "${shell_scripts[@]}"
 fi
 echo "== pytest"
 # pytest exits 5 when it collected no test: that is a failure here, as any non-zero exit.
