@@ -1,0 +1,239 @@
+"""The key-release protocol, v1: messages, bindings, sealing and the answer's signature.
+
+Both sides import this module; it does no I/O. See docs/protocol.md for the exchange.
+
+    >>> from keyutil.protocol import KeyRequest, request_binding
+    >>> keys = (KeyRequest("disk", 32),)
+    >>> len(request_binding(keys, SUITE_X25519, b"nonce"))
+    32
+
+1. ``POST /v1/challenge`` gives a nonce (opaque to the client).
+2. The client makes an HPKE key pair, and asks the NSM for a document with
+   ``nonce`` = the challenge, ``public_key`` = its HPKE public key, and
+   ``user_data`` = :func:`request_binding` of the keys it asks for and the suite.
+3. ``POST /v1/release`` carries the document and the same key list; the KMS checks the
+   binding, seals each derived key to the attested public key, and signs the whole answer
+   with its identity key (Ed25519).
+4. The client checks the signature against its pinned identity and opens the keys.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hpke, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
+
+PROTOCOL_VERSION = 1
+SUITE_X25519 = "x25519-hkdf-sha256-aes-256-gcm"
+SUITE_P384 = "p384-hkdf-sha384-aes-256-gcm"
+SUITES = (SUITE_X25519, SUITE_P384)
+
+KEY_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+MIN_KEY_LENGTH = 16
+MAX_KEY_LENGTH = 64
+MAX_KEYS = 16
+
+BINDING_CONTEXT = b"nitro-keyrelease/v1/request"
+SEAL_CONTEXT = b"nitro-keyrelease/v1/seal"
+ANSWER_CONTEXT = b"nitro-keyrelease/v1/answer"
+IDENTITY_PREFIX = "ed25519:"
+
+
+class ProtocolError(ValueError):
+    """A message does not have the form the protocol requires. ``code`` is stable."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyRequest:
+    """One key asked for: its name (the derivation context) and its length in bytes."""
+
+    name: str
+    length: int
+
+    def __post_init__(self) -> None:
+        if not KEY_NAME.match(self.name):
+            raise ProtocolError(
+                "bad_request",
+                "key name: expected 1 to 64 of A-Z a-z 0-9 . _ - (starting alphanumeric); "
+                f"found {self.name[:70]!r}",
+            )
+        if type(self.length) is not int or not MIN_KEY_LENGTH <= self.length <= MAX_KEY_LENGTH:
+            raise ProtocolError(
+                "bad_request",
+                f"key length: expected {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} bytes; "
+                f"found {self.length!r}",
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "length": self.length}
+
+
+def check_key_list(keys: Sequence[KeyRequest]) -> tuple[KeyRequest, ...]:
+    if not 0 < len(keys) <= MAX_KEYS:
+        raise ProtocolError(
+            "bad_request", f"keys: expected 1 to {MAX_KEYS} keys; found {len(keys)}"
+        )
+    names = [k.name for k in keys]
+    if len(set(names)) != len(names):
+        raise ProtocolError("bad_request", "keys: expected distinct key names")
+    return tuple(keys)
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte form of a JSON value that both sides hash and sign."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+
+
+def b64e(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def b64d(text: Any, what: str, *, max_len: int = 1 << 16) -> bytes:
+    if not isinstance(text, str) or len(text) > max_len:
+        raise ProtocolError("bad_request", f"{what}: expected base64 text")
+    try:
+        return base64.b64decode(text, validate=True)
+    except ValueError:
+        raise ProtocolError("bad_request", f"{what}: expected base64 text") from None
+
+
+def request_binding(keys: Sequence[KeyRequest], suite: str, nonce: bytes) -> bytes:
+    """The digest the enclave puts in ``user_data``: which keys, which suite, which nonce."""
+    body = {
+        "v": PROTOCOL_VERSION,
+        "keys": [k.to_json() for k in keys],
+        "suite": suite,
+        "nonce": nonce.hex(),
+    }
+    return hashlib.sha256(BINDING_CONTEXT + b"\x00" + canonical_json(body)).digest()
+
+
+def seal_info(key: KeyRequest, nonce: bytes) -> bytes:
+    """HPKE ``info`` for one sealed key: a sealed key opens only as the key it was sent as."""
+    return (
+        SEAL_CONTEXT
+        + b"\x00"
+        + canonical_json({"name": key.name, "length": key.length, "nonce": nonce.hex()})
+    )
+
+
+def hpke_suite(suite: str) -> hpke.Suite:
+    if suite == SUITE_X25519:
+        return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
+    if suite == SUITE_P384:
+        return hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
+    raise ProtocolError(
+        "bad_request", f"suite: expected one of {', '.join(SUITES)}; found {suite!r}"
+    )
+
+
+RecipientPrivateKey = x25519.X25519PrivateKey | ec.EllipticCurvePrivateKey
+RecipientPublicKey = x25519.X25519PublicKey | ec.EllipticCurvePublicKey
+
+
+def generate_recipient(suite: str) -> RecipientPrivateKey:
+    """The enclave's ephemeral HPKE key pair for one release."""
+    if suite == SUITE_X25519:
+        return x25519.X25519PrivateKey.generate()
+    if suite == SUITE_P384:
+        return ec.generate_private_key(ec.SECP384R1())
+    raise ProtocolError("bad_request", f"suite: unknown {suite!r}")
+
+
+def recipient_public_bytes(key: RecipientPrivateKey) -> bytes:
+    """The public key as it goes into the attestation document's ``public_key``."""
+    if isinstance(key, x25519.X25519PrivateKey):
+        return key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+    return key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+
+
+def load_recipient_public(suite: str, data: bytes) -> RecipientPublicKey:
+    """The attested public key, as the suite requires it; ProtocolError if it is not."""
+    try:
+        if suite == SUITE_X25519:
+            if len(data) != 32:
+                raise ValueError(f"expected 32 bytes; found {len(data)}")
+            return x25519.X25519PublicKey.from_public_bytes(data)
+        if suite == SUITE_P384:
+            return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), data)
+    except ValueError as e:
+        raise ProtocolError(
+            "public_key_invalid", f"attested public_key is not a {suite} key: {e}"
+        ) from None
+    raise ProtocolError("bad_request", f"suite: unknown {suite!r}")
+
+
+def seal(
+    suite: str, recipient: RecipientPublicKey, key: KeyRequest, nonce: bytes, secret: bytes
+) -> bytes:
+    return hpke_suite(suite).encrypt(secret, recipient, info=seal_info(key, nonce))
+
+
+def open_sealed(
+    suite: str, recipient: RecipientPrivateKey, key: KeyRequest, nonce: bytes, sealed: bytes
+) -> bytes:
+    return hpke_suite(suite).decrypt(sealed, recipient, info=seal_info(key, nonce))
+
+
+# -- The KMS identity and the signed answer ------------------------------------------------
+
+
+def format_identity(public_key: ed25519.Ed25519PublicKey) -> str:
+    """``ed25519:<base64>``: the form ``keyutil get-key --kms-pubkey`` takes."""
+    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    return IDENTITY_PREFIX + b64e(raw)
+
+
+def parse_identity(text: str) -> ed25519.Ed25519PublicKey:
+    value = text.strip()
+    if not value.startswith(IDENTITY_PREFIX):
+        raise ProtocolError(
+            "identity_invalid", f"expected a KMS identity 'ed25519:<base64>'; found {value[:16]!r}"
+        )
+    try:
+        raw = base64.b64decode(value[len(IDENTITY_PREFIX) :], validate=True)
+        return ed25519.Ed25519PublicKey.from_public_bytes(raw)
+    except ValueError:
+        raise ProtocolError(
+            "identity_invalid", "expected a KMS identity of 32 bytes in base64 after 'ed25519:'"
+        ) from None
+
+
+def answer_signing_bytes(body: Mapping[str, Any]) -> bytes:
+    """What the identity key signs: a context string and the canonical answer body."""
+    return ANSWER_CONTEXT + b"\x00" + canonical_json(dict(body))
+
+
+def sign_answer(identity: ed25519.Ed25519PrivateKey, body: Mapping[str, Any]) -> dict[str, Any]:
+    return {**body, "signature": b64e(identity.sign(answer_signing_bytes(body)))}
+
+
+def verify_answer(identity: ed25519.Ed25519PublicKey, answer: Mapping[str, Any]) -> dict[str, Any]:
+    """The answer body if its signature is the pinned identity's; ProtocolError if not."""
+    body = {k: v for k, v in answer.items() if k != "signature"}
+    try:
+        signature = b64d(answer.get("signature"), "signature", max_len=200)
+        identity.verify(signature, answer_signing_bytes(body))
+    except (ProtocolError, InvalidSignature):
+        raise ProtocolError(
+            "answer_unauthenticated",
+            "the KMS answer is not signed by the pinned KMS identity",
+        ) from None
+    return body
