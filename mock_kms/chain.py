@@ -115,7 +115,8 @@ def parse_application(text: str) -> bytes:
 def format_application(app: bytes) -> str:
     """The name when ``app`` decodes as a parse_application name, else 0x-hex."""
     name = app.rstrip(b"\0")
-    if name and all(0x20 <= b <= 0x7E for b in name) and b"\0" not in name:
+    printable = name and all(0x20 <= b <= 0x7E for b in name)
+    if printable and not name.startswith((b"0x", b"0X")):
         return name.decode("ascii")
     return "0x" + app.hex()
 
