@@ -14,7 +14,9 @@ import binascii
 import datetime
 import json
 import logging
+import os
 import re
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -202,6 +204,266 @@ def verify_attestation(
         value = result[field]
         shown = "null" if value is None else f"{len(value) // 2} bytes"
         click.echo(f"{field:<14} {shown}")
+
+
+def _default_state_dir() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "mock-kms"
+
+
+state_dir_option = click.option(
+    "--state-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=_default_state_dir,
+    show_default="$XDG_STATE_HOME/mock-kms",
+    envvar="MOCK_KMS_STATE_DIR",
+    help="Root secret and identity key (created 0700/0600 on first start, then reused).",
+)
+
+
+@cli.command()
+@state_dir_option
+def identity(state_dir: Path) -> None:
+    """Print the KMS identity public key, as 'keyutil get-key --kms-pubkey' takes it.
+
+    Creates the state directory (root secret and identity key) if it is new, so the
+    identity can be baked into an enclave image before the KMS first starts.
+    """
+    from mock_kms.state import KmsState
+
+    try:
+        click.echo(KmsState.load_or_create(state_dir).identity_text)
+    except KmsError as e:
+        click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
+        sys.exit(EXIT_INVALID)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", envvar="MOCK_KMS_HOST", help="Address to listen on.")
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8420, envvar="MOCK_KMS_PORT", help="TCP port."
+)
+@click.option(
+    "--unix-socket",
+    type=click.Path(dir_okay=False),
+    envvar="MOCK_KMS_UNIX_SOCKET",
+    help="Listen on this unix socket (mode 0600) instead of TCP.",
+)
+@state_dir_option
+@click.option(
+    "--rpc-url",
+    envvar="MOCK_KMS_RPC_URL",
+    help="JSON-RPC node of an external chain. Default: the embedded in-process chain.",
+)
+@click.option("--contract", envvar="MOCK_KMS_CONTRACT", help="Allowlist contract address.")
+@click.option(
+    "--chain-id", type=int, envvar="MOCK_KMS_CHAIN_ID", help="Expected chain id (with --rpc-url)."
+)
+@click.option(
+    "--confirmations",
+    type=click.IntRange(min=0),
+    default=0,
+    envvar="MOCK_KMS_CONFIRMATIONS",
+    help="Read the allowlist at latest minus this many blocks.",
+)
+@click.option(
+    "--revocation-delay",
+    type=click.FloatRange(0, 60),
+    default=2.0,
+    envvar="MOCK_KMS_REVOCATION_DELAY",
+    help="Longest time an allowlist answer is cached (seconds).",
+)
+@click.option(
+    "--rpc-timeout",
+    type=click.FloatRange(0.1, 60),
+    default=2.0,
+    envvar="MOCK_KMS_RPC_TIMEOUT",
+    help="Timeout of one RPC request (seconds).",
+)
+@click.option(
+    "--allow-image",
+    "allow_images",
+    multiple=True,
+    envvar="MOCK_KMS_ALLOW_IMAGE",
+    help="HASH=APP: register an image on the embedded chain at start. Repeatable.",
+)
+@click.option(
+    "--trust-root",
+    "trust_roots",
+    multiple=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    envvar="MOCK_KMS_TRUST_ROOT",
+    help="Also trust the roots in this PEM (e.g. the simulator's root.pem). Repeatable.",
+)
+@click.option(
+    "--no-aws-root", is_flag=True, envvar="MOCK_KMS_NO_AWS_ROOT", help="Do not trust the AWS root."
+)
+@click.option(
+    "--allow-debug",
+    is_flag=True,
+    envvar="MOCK_KMS_ALLOW_DEBUG",
+    help="UNSAFE: release keys to debug-mode enclaves (logged at start and on every use).",
+)
+@click.option(
+    "--max-age",
+    type=click.FloatRange(min=1),
+    default=60.0,
+    envvar="MOCK_KMS_MAX_AGE",
+    help="Refuse attestation documents older than this (seconds).",
+)
+@click.option(
+    "--nonce-lifetime",
+    type=click.FloatRange(1, 600),
+    default=30.0,
+    envvar="MOCK_KMS_NONCE_LIFETIME",
+    help="How long a challenge nonce stays valid (seconds).",
+)
+@click.option(
+    "--audit-log",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="MOCK_KMS_AUDIT_LOG",
+    help="Append one JSON line per decision here (never key material).",
+)
+@click.option(
+    "--threads",
+    type=click.IntRange(1, 256),
+    default=8,
+    envvar="MOCK_KMS_THREADS",
+    help="Worker threads.",
+)
+def serve(
+    host: str,
+    port: int,
+    unix_socket: str | None,
+    state_dir: Path,
+    rpc_url: str | None,
+    contract: str | None,
+    chain_id: int | None,
+    confirmations: int,
+    revocation_delay: float,
+    rpc_timeout: float,
+    allow_images: Sequence[str],
+    trust_roots: Sequence[Path],
+    no_aws_root: bool,
+    allow_debug: bool,
+    max_age: float,
+    nonce_lifetime: float,
+    audit_log: Path | None,
+    threads: int,
+) -> None:
+    """Serve attested key release over HTTP (loopback by default).
+
+    \b
+    With no --rpc-url the allowlist contract runs on an embedded in-process chain, which
+    keeps nothing across restarts: register images with --allow-image HASH=APP at start.
+    With --rpc-url (and --contract, --chain-id) governance registers images on that chain
+    with kms-gov, and --allow-image is refused.
+
+    \b
+    Example (development, NSM simulator):
+      keyutil sim init /tmp/sim
+      mock-kms serve --trust-root /tmp/sim/root.pem \\
+          --allow-image "$(jq -r .os_image_hash /tmp/sim/enclave.json)=my-app"
+    """
+    from mock_kms.roots import load_pem_roots
+    from mock_kms.server import KmsApp, ServerSettings, create_server
+    from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
+    from mock_kms.state import KmsState
+    from mock_kms.verifier import AttestationPolicy, AttestationVerifier
+
+    try:
+        state = KmsState.load_or_create(state_dir)
+        allowlist = _make_allowlist(
+            rpc_url, contract, chain_id, confirmations, revocation_delay, rpc_timeout, allow_images
+        )
+        extra = [cert for path in trust_roots for cert in load_pem_roots(path)]
+        policy = AttestationPolicy(
+            max_age=datetime.timedelta(seconds=max_age), allow_debug=allow_debug
+        )
+        if no_aws_root:
+            if not extra:
+                raise click.UsageError("--no-aws-root needs at least one --trust-root")
+            verifier = AttestationVerifier(trusted_roots=extra, policy=policy)
+        else:
+            verifier = AttestationVerifier.aws(policy=policy, extra_roots=extra)
+        audit = AuditLog(audit_log)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot open the audit log: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    except KmsError as e:
+        click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
+        sys.exit(EXIT_INVALID)
+    service = ReleaseService(
+        verifier=verifier,
+        allowlist=allowlist,
+        state=state,
+        settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
+        audit=audit,
+    )
+    settings = ServerSettings(host=host, port=port, unix_socket=unix_socket, threads=threads)
+    server = create_server(KmsApp(service, max_body=settings.max_body), settings)
+    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{server.effective_port}"
+    logger = logging.getLogger("mock_kms")
+    logger.warning("mock-kms serving on %s, identity %s", where, state.identity_text)
+    if allow_debug:
+        logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
+    signal.signal(signal.SIGTERM, lambda *_: server.close())
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        audit.close()
+
+
+def _make_allowlist(
+    rpc_url: str | None,
+    contract: str | None,
+    chain_id: int | None,
+    confirmations: int,
+    revocation_delay: float,
+    rpc_timeout: float,
+    allow_images: Sequence[str],
+) -> Any:
+    from mock_kms.allowlist import (
+        EmbeddedAllowlist,
+        ReaderSettings,
+        RpcAllowlist,
+        parse_allow_image,
+    )
+
+    images = [parse_allow_image(text) for text in allow_images]
+    if rpc_url is None:
+        if contract is not None:
+            raise click.UsageError("--contract goes with --rpc-url")
+        allowlist = EmbeddedAllowlist.create(images)
+        for image, app in images:
+            logging.getLogger("mock_kms").warning(
+                "embedded chain: image 0x%s registered for application 0x%s", image.hex(), app.hex()
+            )
+        return allowlist
+    if images:
+        raise click.UsageError(
+            "--allow-image registers on the embedded chain only; with --rpc-url, register "
+            "images with kms-gov add-image"
+        )
+    if contract is None or chain_id is None:
+        raise click.UsageError("--rpc-url needs --contract and --chain-id")
+    reader = RpcAllowlist.from_url(
+        rpc_url,
+        contract,
+        expected_chain_id=chain_id,
+        settings=ReaderSettings(
+            confirmations=confirmations, rpc_timeout=rpc_timeout, max_staleness=revocation_delay
+        ),
+    )
+    try:
+        reader.check_ready()
+    except KmsError as e:
+        # Start anyway (fail closed: not ready, every release refused) so a KMS that starts
+        # before its node becomes ready by itself; say why now.
+        logging.getLogger("mock_kms").error("chain not ready at start: %s", e.message)
+    return reader
 
 
 def _read_input(file: str) -> bytes:

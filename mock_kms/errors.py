@@ -65,6 +65,19 @@ class ErrorCode(enum.StrEnum):
     NOT_OWNER = "not_owner"
     TRANSACTION_REVERTED = "transaction_reverted"
     SIGNING_KEY_UNAVAILABLE = "signing_key_unavailable"
+    # Key-release protocol (mock-kms serve)
+    BAD_REQUEST = "bad_request"
+    BODY_TOO_LARGE = "body_too_large"
+    NOT_FOUND = "not_found"
+    NONCE_MISSING = "nonce_missing"
+    NONCE_INVALID = "nonce_invalid"
+    NONCE_EXPIRED = "nonce_expired"
+    NONCE_REPLAYED = "nonce_replayed"
+    BINDING_MISMATCH = "binding_mismatch"
+    PUBLIC_KEY_INVALID = "public_key_invalid"
+    STATE_INVALID = "state_invalid"
+    AUDIT_UNAVAILABLE = "audit_unavailable"
+    OVERLOADED = "overloaded"
 
 
 class KmsError(Exception):

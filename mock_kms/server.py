@@ -1,0 +1,255 @@
+"""The KMS over HTTP: a WSGI application served by waitress.
+
+    >>> from mock_kms.server import KmsApp, serve                     # doctest: +SKIP
+    >>> serve(KmsApp(service), ServerSettings(host="127.0.0.1", port=8420))  # doctest: +SKIP
+
+Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
+
+=========================  ===================================================================
+``GET  /v1/health``        200 ``{"status": "ready"}`` when the chain answers, the contract is
+                           there and the secrets are loaded; 503 with the reason otherwise
+``POST /v1/challenge``     a fresh nonce, single use, short-lived
+``POST /v1/release``       the signed, sealed answer; 4xx for denials, 503 when unavailable
+``GET  /v1/identity``      ``{"identity": "ed25519:..."}``, the key enclaves pin
+``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms
+=========================  ===================================================================
+
+waitress is concurrent (a thread pool), bounds the request body and header sizes, closes idle
+or trickling connections after ``channel_timeout`` and caps open connections.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
+from mock_kms.service import ReleaseService, Timings, describe_document
+
+logger = logging.getLogger(__name__)
+
+StartResponse = Callable[..., Any]
+Environ = dict[str, Any]
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = 8420
+    unix_socket: str | None = None
+    threads: int = 8
+    max_body: int = 64 * 1024
+    # Seconds a connection may sit idle (or trickle) before it is closed.
+    channel_timeout: int = 30
+    connection_limit: int = 200
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.releases = Counter(
+            "kms_releases",
+            "Key-release decisions by outcome and error code",
+            ["outcome", "code"],
+            registry=self.registry,
+        )
+        self.challenges = Counter(
+            "kms_challenges", "Challenge nonces issued", registry=self.registry
+        )
+        self.verification = Histogram(
+            "kms_verification_seconds",
+            "Attestation document verification time",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.chain_read = Histogram(
+            "kms_chain_read_seconds",
+            "Allowlist read time (cache or chain)",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.release_latency = Histogram(
+            "kms_release_seconds",
+            "Whole release request time",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+
+
+def _status_line(status: int) -> str:
+    reasons = {
+        200: "OK",
+        400: "Bad Request",
+        403: "Forbidden",
+        404: "Not Found",
+        405: "Method Not Allowed",
+        413: "Payload Too Large",
+        503: "Service Unavailable",
+    }
+    return f"{status} {reasons.get(status, 'Error')}"
+
+
+def http_status(error: KmsError) -> int:
+    if isinstance(error, UnavailableError):
+        return 503
+    if error.code in (ErrorCode.BAD_REQUEST, ErrorCode.INPUT_ENCODING):
+        return 400
+    if error.code == ErrorCode.BODY_TOO_LARGE:
+        return 413
+    if error.code == ErrorCode.NOT_FOUND:
+        return 404
+    return 403
+
+
+class KmsApp:
+    """The WSGI application: routing, body limits, JSON, metrics and the audit trail."""
+
+    def __init__(self, service: ReleaseService, *, max_body: int = 64 * 1024) -> None:
+        self.service = service
+        self.max_body = max_body
+        self.metrics = Metrics()
+        self._routes: dict[tuple[str, str], Callable[[Environ], tuple[int, Any]]] = {
+            ("GET", "/v1/health"): self._health,
+            ("GET", "/v1/identity"): self._identity,
+            ("POST", "/v1/challenge"): self._challenge,
+            ("POST", "/v1/release"): self._release,
+        }
+
+    def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        method = environ.get("REQUEST_METHOD", "GET")
+        path = environ.get("PATH_INFO", "/")
+        if method == "GET" and path == "/metrics":
+            body = generate_latest(self.metrics.registry)
+            start_response(
+                "200 OK",
+                [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))],
+            )
+            return [body]
+        handler = self._routes.get((method, path))
+        if handler is None:
+            known = {p for (_, p) in self._routes} | {"/metrics"}
+            status, payload = (
+                (405, {"error": "method_not_allowed", "message": f"{method} is not served here"})
+                if path in known
+                else (404, {"error": "not_found", "message": f"no endpoint {path[:100]}"})
+            )
+        else:
+            try:
+                status, payload = handler(environ)
+            except KmsError as e:
+                status, payload = http_status(e), e.to_json()
+        return self._json(start_response, status, payload)
+
+    @staticmethod
+    def _json(start_response: StartResponse, status: int, payload: Any) -> list[bytes]:
+        body = json.dumps(payload, separators=(",", ":")).encode()
+        start_response(
+            _status_line(status),
+            [
+                ("Content-Type", "application/json"),
+                ("Content-Length", str(len(body))),
+                ("Cache-Control", "no-store"),
+            ],
+        )
+        return [body]
+
+    def _read_json(self, environ: Environ) -> Any:
+        try:
+            length = int(environ.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            raise InvalidError(ErrorCode.BAD_REQUEST, "Content-Length is not a number") from None
+        if length > self.max_body:
+            raise InvalidError(
+                ErrorCode.BODY_TOO_LARGE,
+                f"request body: expected at most {self.max_body} bytes; found {length}",
+            )
+        data = environ["wsgi.input"].read(length) if length else b""
+        try:
+            return json.loads(data)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidError(ErrorCode.BAD_REQUEST, "request body: expected JSON") from None
+
+    # -- handlers -----------------------------------------------------------------------------
+    def _health(self, environ: Environ) -> tuple[int, Any]:
+        return 200, self.service.ready()
+
+    def _identity(self, environ: Environ) -> tuple[int, Any]:
+        return 200, {"identity": self.service.state.identity_text}
+
+    def _challenge(self, environ: Environ) -> tuple[int, Any]:
+        self.metrics.challenges.inc()
+        return 200, self.service.challenge()
+
+    def _release(self, environ: Environ) -> tuple[int, Any]:
+        started = time.perf_counter()
+        timings = Timings()
+        body: Any = None
+        try:
+            body = self._read_json(environ)
+            outcome = self.service.release(body, timings)
+        except KmsError as e:
+            kind = "unavailable" if isinstance(e, UnavailableError) else "denied"
+            self._observe(kind, str(e.code), timings, started)
+            entry = self.service.audit_entry(outcome=kind, code=str(e.code), body=body, error=e)
+            if isinstance(body, dict):
+                entry.update(describe_document(body.get("attestation")))
+            try:
+                self.service.audit.record(entry)
+            except UnavailableError:
+                logger.error("audit log unavailable while recording a refusal")
+            logger.info("release %s: %s (%s)", kind, e.code, entry.get("os_image_hash", "-"))
+            raise
+        entry = self.service.audit_entry(outcome="released", code=None, result=outcome)
+        try:
+            self.service.audit.record(entry)
+        except UnavailableError as e:
+            self._observe("unavailable", str(e.code), timings, started)
+            logger.error("release refused: %s", e.message)
+            raise
+        self._observe("released", "ok", timings, started)
+        logger.info(
+            "release ok: %s app %s keys %s",
+            outcome.verified.os_image_hash,
+            entry["application"],
+            ",".join(outcome.key_names),
+        )
+        return 200, outcome.answer
+
+    def _observe(self, outcome: str, code: str, timings: Timings, started: float) -> None:
+        self.metrics.releases.labels(outcome=outcome, code=code).inc()
+        if timings.verification:
+            self.metrics.verification.observe(timings.verification)
+        if timings.chain_read:
+            self.metrics.chain_read.observe(timings.chain_read)
+        self.metrics.release_latency.observe(time.perf_counter() - started)
+
+
+def create_server(app: KmsApp, settings: ServerSettings) -> Any:
+    """A waitress server bound and listening (not yet serving); ``.run()`` serves."""
+    from waitress.server import create_server as waitress_server
+
+    options: dict[str, Any] = {
+        "threads": settings.threads,
+        "max_request_body_size": settings.max_body,
+        "max_request_header_size": 16 * 1024,
+        "channel_timeout": settings.channel_timeout,
+        "connection_limit": settings.connection_limit,
+        "ident": "mock-kms",
+        "clear_untrusted_proxy_headers": True,
+    }
+    if settings.unix_socket:
+        options["unix_socket"] = settings.unix_socket
+        options["unix_socket_perms"] = "600"
+    else:
+        options["host"] = settings.host
+        options["port"] = settings.port
+    return waitress_server(app, **options)

@@ -1,0 +1,375 @@
+"""The release decision: challenge nonces, request checks, allowlist, derivation, sealing.
+
+    >>> from mock_kms.service import ReleaseService                 # doctest: +SKIP
+    >>> service = ReleaseService(verifier=..., allowlist=..., state=...)   # doctest: +SKIP
+    >>> challenge = service.challenge()                               # doctest: +SKIP
+    >>> outcome = service.release(request_json)                       # doctest: +SKIP
+
+No HTTP here: :mod:`mock_kms.server` turns requests into calls and errors into status codes.
+The order of checks, each with its own error code, is:
+
+1. the request's form (version, suite, key list, attestation size);
+2. the attestation document (:class:`~mock_kms.verifier.AttestationVerifier`: signature,
+   chain, age, debug);
+3. the nonce inside it: issued by this KMS (any replica sharing the root secret), not
+   expired, not seen before by this process;
+4. the binding: ``user_data`` must be the digest of exactly this request;
+5. the attested public key, which must be a key of the requested suite;
+6. the allowlist on chain, which gives the application id (unreachable chain: 503);
+7. derive each key, seal it to the attested key, sign the answer.
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import dataclasses
+import datetime
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from keyutil import protocol
+from keyutil.protocol import KeyRequest, ProtocolError
+from mock_kms.allowlist import Allowlist, require_allowed
+from mock_kms.config import LIMITS
+from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
+from mock_kms.state import KmsState
+from mock_kms.verifier import AttestationVerifier, VerifiedAttestation
+
+logger = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+NONCE_VERSION = 1
+# version (1) || issued at, ms (8) || random (16) || HMAC-SHA256 truncated (16)
+NONCE_LENGTH = 1 + 8 + 16 + 16
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseSettings:
+    """Time limits of the protocol (defaults in docs/protocol.md)."""
+
+    nonce_lifetime: float = 30.0
+    # Challenges outstanding at once: bounds the memory of the replay set.
+    max_outstanding_nonces: int = 100_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.nonce_lifetime <= 600:
+            raise ValueError("the nonce lifetime is between 0 and 600 seconds")
+
+
+class NonceBook:
+    """Issues challenge nonces and accepts each once.
+
+    A nonce is self-authenticating: a MAC (keyed from the root secret) over its issue time and
+    randomness, so any replica with the same state directory can check it without shared
+    storage. Single use is enforced per process: a used nonce is remembered until it expires,
+    so the set never holds more than the nonces of one lifetime.
+    """
+
+    def __init__(self, key: bytes, settings: ReleaseSettings, clock: Clock = time.time) -> None:
+        self._key = key
+        self._settings = settings
+        self._clock = clock
+        self._used: collections.OrderedDict[bytes, float] = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def _mac(self, body: bytes) -> bytes:
+        return hmac.new(self._key, body, hashlib.sha256).digest()[:16]
+
+    def issue(self) -> tuple[bytes, int]:
+        now_ms = int(self._clock() * 1000)
+        body = struct.pack(">BQ", NONCE_VERSION, now_ms) + secrets.token_bytes(16)
+        expires_ms = now_ms + int(self._settings.nonce_lifetime * 1000)
+        return body + self._mac(body), expires_ms
+
+    def accept(self, nonce: bytes | None) -> None:
+        """Accept ``nonce`` once, or raise InvalidError with the reason."""
+        if nonce is None:
+            raise InvalidError(
+                ErrorCode.NONCE_MISSING,
+                "attestation nonce: expected the challenge from /v1/challenge; found null",
+            )
+        if len(nonce) != NONCE_LENGTH or nonce[0] != NONCE_VERSION:
+            raise InvalidError(
+                ErrorCode.NONCE_INVALID,
+                f"attestation nonce: expected a {NONCE_LENGTH}-byte challenge of this KMS; "
+                f"found {len(nonce)} bytes",
+            )
+        body, mac = nonce[:-16], nonce[-16:]
+        if not hmac.compare_digest(mac, self._mac(body)):
+            raise InvalidError(
+                ErrorCode.NONCE_INVALID,
+                "attestation nonce: not issued by this KMS (its MAC does not verify)",
+            )
+        issued = struct.unpack(">Q", body[1:9])[0] / 1000
+        now = self._clock()
+        expires = issued + self._settings.nonce_lifetime
+        if now > expires:
+            raise InvalidError(
+                ErrorCode.NONCE_EXPIRED,
+                f"attestation nonce: expected a challenge at most "
+                f"{self._settings.nonce_lifetime:g} s old; found one {now - issued:.1f} s old",
+            )
+        if issued > now + LIMITS.clock_skew.total_seconds():
+            raise InvalidError(ErrorCode.NONCE_INVALID, "attestation nonce: issued in the future")
+        with self._lock:
+            while self._used and next(iter(self._used.values())) < now:
+                self._used.popitem(last=False)
+            if nonce in self._used:
+                raise InvalidError(
+                    ErrorCode.NONCE_REPLAYED,
+                    "attestation nonce: this challenge was already used; ask for a new one",
+                )
+            if len(self._used) >= self._settings.max_outstanding_nonces:
+                raise UnavailableError(
+                    ErrorCode.OVERLOADED, "too many releases in one nonce lifetime; retry"
+                )
+            self._used[nonce] = expires
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseRequest:
+    suite: str
+    keys: tuple[KeyRequest, ...]
+    attestation: bytes
+
+    @classmethod
+    def from_json(cls, body: Any) -> ReleaseRequest:
+        try:
+            if not isinstance(body, Mapping):
+                raise ProtocolError("bad_request", "expected a JSON object")
+            if body.get("version") != protocol.PROTOCOL_VERSION:
+                raise ProtocolError(
+                    "bad_request",
+                    f"version: expected {protocol.PROTOCOL_VERSION}; found {body.get('version')!r}",
+                )
+            suite = body.get("suite")
+            if suite not in protocol.SUITES:
+                raise ProtocolError(
+                    "bad_request",
+                    f"suite: expected one of {', '.join(protocol.SUITES)}; found {suite!r}",
+                )
+            raw_keys = body.get("keys")
+            if not isinstance(raw_keys, list):
+                raise ProtocolError("bad_request", "keys: expected a list of {name, length}")
+            keys = []
+            for item in raw_keys[: protocol.MAX_KEYS + 1]:
+                if not isinstance(item, Mapping):
+                    raise ProtocolError("bad_request", "keys: expected objects {name, length}")
+                keys.append(KeyRequest(str(item.get("name", "")), item.get("length")))  # type: ignore[arg-type]
+            attestation = protocol.b64d(
+                body.get("attestation"),
+                "attestation",
+                max_len=4 * LIMITS.max_document_size // 3 + 4,
+            )
+            return cls(suite=suite, keys=protocol.check_key_list(keys), attestation=attestation)
+        except ProtocolError as e:
+            raise InvalidError(ErrorCode.BAD_REQUEST, e.message) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ReleaseOutcome:
+    """A signed answer, and what the audit log records about it (never key material)."""
+
+    answer: dict[str, Any]
+    verified: VerifiedAttestation
+    application: bytes
+    key_names: tuple[str, ...]
+
+
+@dataclasses.dataclass
+class Timings:
+    """Seconds spent in each step of the last release (for the latency histograms)."""
+
+    verification: float = 0.0
+    chain_read: float = 0.0
+
+
+class AuditLog:
+    """One JSON line per decision, appended with a single write; never key material.
+
+    A release that cannot be recorded is refused: :meth:`record` raises UnavailableError.
+    """
+
+    def __init__(self, path: Path | None) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        if path is not None:
+            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def record(self, entry: Mapping[str, Any]) -> None:
+        if self._fd is None:
+            return
+        line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        with self._lock:
+            try:
+                written = os.write(self._fd, line)
+                if written != len(line):
+                    raise OSError(28, "short write to the audit log")
+                os.fsync(self._fd)
+            except OSError as e:
+                raise UnavailableError(
+                    ErrorCode.AUDIT_UNAVAILABLE,
+                    f"the audit log cannot be written ({e.strerror}); releases are refused",
+                ) from None
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class ReleaseService:
+    """Challenge and release, with every dependency injected; no HTTP, no clock reads
+    other than through ``clock``."""
+
+    def __init__(
+        self,
+        *,
+        verifier: AttestationVerifier,
+        allowlist: Allowlist,
+        state: KmsState,
+        settings: ReleaseSettings | None = None,
+        audit: AuditLog | None = None,
+        clock: Clock = time.time,
+    ) -> None:
+        self.verifier = verifier
+        self.allowlist = allowlist
+        self.state = state
+        self.settings = settings or ReleaseSettings()
+        self.audit = audit or AuditLog(None)
+        self.clock = clock
+        self.nonces = NonceBook(state.nonce_key, self.settings, clock)
+
+    def challenge(self) -> dict[str, Any]:
+        nonce, expires_ms = self.nonces.issue()
+        return {"nonce": protocol.b64e(nonce), "expires_at_ms": expires_ms}
+
+    def ready(self) -> dict[str, Any]:
+        """Readiness: secrets loaded (by construction) and the chain answering."""
+        self.allowlist.check_ready()
+        return {"status": "ready", "identity": self.state.identity_text}
+
+    def release(self, body: Any, timings: Timings | None = None) -> ReleaseOutcome:
+        timings = timings if timings is not None else Timings()
+        request = ReleaseRequest.from_json(body)
+        now = datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
+
+        started = time.perf_counter()
+        try:
+            verified = self.verifier.verify(request.attestation, at=now)
+        finally:
+            timings.verification = time.perf_counter() - started
+        document = verified.document
+        self.nonces.accept(document.nonce)
+        assert document.nonce is not None
+        binding = protocol.request_binding(request.keys, request.suite, document.nonce)
+        if document.user_data is None or not hmac.compare_digest(document.user_data, binding):
+            raise InvalidError(
+                ErrorCode.BINDING_MISMATCH,
+                "attestation user_data: expected the digest binding this request (keys, suite, "
+                "nonce); found a different value",
+            )
+        if document.public_key is None:
+            raise InvalidError(
+                ErrorCode.PUBLIC_KEY_INVALID,
+                "attestation public_key: expected the enclave's HPKE public key; found null",
+            )
+        try:
+            recipient = protocol.load_recipient_public(request.suite, document.public_key)
+        except ProtocolError as e:
+            raise InvalidError(ErrorCode.PUBLIC_KEY_INVALID, e.message) from None
+
+        started = time.perf_counter()
+        try:
+            application = require_allowed(self.allowlist, bytes.fromhex(verified.os_image_hash[2:]))
+        finally:
+            timings.chain_read = time.perf_counter() - started
+        if verified.debug:
+            logger.warning(
+                "UNSAFE: releasing keys to a debug-mode enclave (%s)", document.module_id
+            )
+
+        sealed = []
+        for key in request.keys:
+            secret = self.state.derive_key(application, key)
+            sealed.append(
+                {
+                    **key.to_json(),
+                    "sealed": protocol.b64e(
+                        protocol.seal(request.suite, recipient, key, document.nonce, secret)
+                    ),
+                }
+            )
+            del secret
+        body_out = {
+            "version": protocol.PROTOCOL_VERSION,
+            "suite": request.suite,
+            "application": "0x" + application.hex(),
+            "os_image_hash": verified.os_image_hash,
+            "nonce": protocol.b64e(document.nonce),
+            "binding": binding.hex(),
+            "keys": sealed,
+        }
+        return ReleaseOutcome(
+            answer=protocol.sign_answer(self.state.identity, body_out),
+            verified=verified,
+            application=application,
+            key_names=tuple(k.name for k in request.keys),
+        )
+
+    def audit_entry(
+        self,
+        *,
+        outcome: str,
+        code: str | None,
+        result: ReleaseOutcome | None = None,
+        body: Any = None,
+        error: KmsError | None = None,
+    ) -> dict[str, Any]:
+        """The audit line for one decision: who, what image, which keys, never key bytes."""
+        entry: dict[str, Any] = {
+            "time": datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
+            .isoformat()
+            .replace("+00:00", "Z"),
+            "outcome": outcome,
+            "code": code,
+        }
+        if result is not None:
+            entry.update(
+                module_id=result.verified.module_id,
+                os_image_hash=result.verified.os_image_hash,
+                application="0x" + result.application.hex(),
+                keys=list(result.key_names),
+                debug=result.verified.debug,
+            )
+        elif isinstance(body, Mapping) and isinstance(body.get("keys"), list):
+            entry["keys"] = [
+                str(k.get("name"))[:64] for k in body["keys"][:16] if isinstance(k, Mapping)
+            ]
+        if error is not None:
+            entry["message"] = error.message
+        return entry
+
+
+def describe_document(attestation_b64: Any) -> dict[str, Any]:
+    """module_id and OS_IMAGE_HASH of a (possibly refused) document, for the audit log."""
+    from mock_kms.attestation import parse_attestation
+
+    try:
+        doc = parse_attestation(base64.b64decode(str(attestation_b64), validate=True))
+    except (KmsError, ValueError):
+        return {}
+    return {"module_id": doc.module_id, "os_image_hash": doc.os_image_hash}
