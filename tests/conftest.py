@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["chain_fixtures"]  # anvil, cast and the embedded chain (allowlist tests)
+
 VECTORS = Path(__file__).parent / "vectors"
 
 
