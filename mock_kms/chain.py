@@ -344,9 +344,10 @@ def eth_call(w3: Web3, to: str, data: bytes, block: int | str = "latest",
 
 
 def read_image_status(w3: Web3, contract: str, image_hash: bytes,
-                      block: int | str = "latest") -> tuple[bool, bytes]:
+                      block: int | str = "latest", sender: str | None = None
+                      ) -> tuple[bool, bytes]:
     data = SEL_IMAGE_STATUS + check_image_hash(image_hash)
-    return decode_image_status(eth_call(w3, contract, data, block))
+    return decode_image_status(eth_call(w3, contract, data, block, sender))
 
 
 def read_address(w3: Web3, contract: str, selector: bytes) -> str:
