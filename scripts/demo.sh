@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job on the embedded defaults, from a fresh clone: installs the package in a
-# virtualenv, creates an NSM simulator, takes an attestation document from it as an enclave
-# would, and verifies it the way the KMS does; then verifies a real AWS-signed document.
+# virtualenv, creates a simulated enclave (NSM simulator), starts mock-kms with its
+# in-process chain and the enclave's image registered, releases a key to the enclave with
+# `keyutil get-key`, and shows where the key went (its SHA-256 fingerprint, never the key).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,24 +16,35 @@ fi
 export PATH="$PWD/.venv/bin:$PATH"
 
 work="${DEMO_DIR:-$(mktemp -d)}"
-echo "== working in $work"
+# Keys belong on tmpfs (never on a persistent disk): /dev/shm is tmpfs on Linux.
+keys="$(mktemp -d /dev/shm/keyutil-demo.XXXXXX)"
+kms_pid=""
+cleanup() { [ -n "$kms_pid" ] && kill "$kms_pid" 2>/dev/null; wait 2>/dev/null || true; }
+trap cleanup EXIT
 
-echo "== keyutil sim init: a simulated enclave and the CA that signs its documents"
-keyutil sim init "$work/sim"
+echo "== 1. a simulated enclave: keyutil sim init"
+keyutil sim init "$work/sim" --json >"$work/sim.json"
+image_hash=$(.venv/bin/python -c 'import json,sys; print(json.load(open(sys.argv[1]))["os_image_hash"])' "$work/sim.json")
+echo "   OS_IMAGE_HASH $image_hash"
 
-echo "== keyutil attest: an attestation document with a fresh nonce"
-nonce=$(od -An -N32 -tx1 /dev/urandom | tr -d ' \n')
-keyutil attest --nsm simulator --sim-dir "$work/sim" --nonce "$nonce" --out "$work/doc.cose"
-echo "wrote $work/doc.cose ($(wc -c <"$work/doc.cose") bytes)"
+echo "== 2. the KMS identity that the enclave image pins: mock-kms identity"
+identity=$(mock-kms identity --state-dir "$work/state")
+echo "   $identity"
 
-echo "== mock-kms verify-attestation: signature, chain to the simulator's root, age, debug"
-mock-kms verify-attestation "$work/doc.cose" --root "$work/sim/root.pem"
+echo "== 3. mock-kms serve: embedded chain, the image registered for application 'demo-app'"
+port=$(.venv/bin/python -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+mock-kms serve --port "$port" --state-dir "$work/state" \
+  --trust-root "$work/sim/root.pem" --allow-image "$image_hash=demo-app" \
+  --audit-log "$work/audit.log" 2>"$work/kms.log" &
+kms_pid=$!
+echo "   listening on http://127.0.0.1:$port (log: $work/kms.log)"
 
-echo "== the same document under the AWS root only: refused"
-if mock-kms verify-attestation "$work/doc.cose"; then
-  echo "unexpected: a simulator document verified under the AWS root" >&2
-  exit 1
-fi
+echo "== 4. keyutil get-key, as the enclave's entrypoint runs it"
+keyutil get-key --kms "http://127.0.0.1:$port" --kms-pubkey "$identity" \
+  --nsm simulator --sim-dir "$work/sim" --key app --out "$keys/app.key" --deadline 60
 
-echo "== a real AWS-signed document, verified at the time it was made"
-mock-kms verify-attestation tests/vectors/aws-nondebug-2022-10-13.cose --at 2022-10-13T08:58:03Z
+echo "== 5. where the key went"
+echo "   file        $keys/app.key (tmpfs, mode $(stat -c %a "$keys/app.key"), $(stat -c %s "$keys/app.key") bytes)"
+echo "   sha256      $(sha256sum "$keys/app.key" | cut -d' ' -f1)"
+echo "   audit line  $(tail -n 1 "$work/audit.log")"
+echo "   (remove it with: rm -r $keys)"

@@ -1,0 +1,393 @@
+"""Key release end to end, with real processes: `mock-kms serve` and `keyutil get-key`."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+BIN = Path(sys.executable).parent
+KEYUTIL = str(BIN / "keyutil")
+MOCK_KMS = str(BIN / "mock-kms")
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sim_init(directory: Path) -> str:
+    out = subprocess.run(
+        [KEYUTIL, "sim", "init", str(directory), "--json"], check=True, capture_output=True
+    )
+    return str(json.loads(out.stdout)["os_image_hash"])
+
+
+def identity_of(state: Path) -> str:
+    out = subprocess.run(
+        [MOCK_KMS, "identity", "--state-dir", str(state)], check=True, capture_output=True
+    )
+    return out.stdout.decode().strip()
+
+
+class Kms:
+    """A `mock-kms serve` process, stopped by the test that started it."""
+
+    def __init__(self, args: list[str], log: Path, url: str, unix: Path | None = None) -> None:
+        self.args, self.log, self.url, self.unix = args, log, url, unix
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Kms:
+        self.proc = subprocess.Popen(
+            [MOCK_KMS, "serve", *self.args],
+            stdout=subprocess.DEVNULL,
+            stderr=self.log.open("ab"),
+        )
+        return self
+
+    def wait_listening(self, timeout: float = 60) -> Kms:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            assert self.proc is not None and self.proc.poll() is None, self.log.read_text()
+            try:
+                if self.unix is not None:
+                    with socket.socket(socket.AF_UNIX) as s:
+                        s.connect(str(self.unix))
+                else:
+                    urllib.request.urlopen(self.url + "/v1/identity", timeout=1).close()
+                return self
+            except OSError:
+                time.sleep(0.1)
+        raise AssertionError("mock-kms did not start:\n" + self.log.read_text())
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+class Setup:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.sim = root / "sim"
+        self.image = sim_init(self.sim)
+        self.state = root / "state"
+        self.identity = identity_of(self.state)
+        self.audit = root / "audit.log"
+        self.kms_log = root / "kms.log"
+        self.keys = (
+            Path(os.environ.get("KEYUTIL_TEST_TMPFS", "/dev/shm"))
+            / f"keyutil-test-{os.getpid()}-{id(self)}"
+        )
+        self.keys.mkdir()
+        self.servers: list[Kms] = []
+
+    def kms(
+        self,
+        *extra: str,
+        port: int | None = None,
+        unix: Path | None = None,
+        images: tuple[str, ...] | None = None,
+    ) -> Kms:
+        port = port or free_port()
+        args = ["--state-dir", str(self.state), "--trust-root", str(self.sim / "root.pem")]
+        args += ["--audit-log", str(self.audit)]
+        for image in images if images is not None else (f"{self.image}=app-a",):
+            args += ["--allow-image", image]
+        if unix is not None:
+            args += ["--unix-socket", str(unix)]
+        else:
+            args += ["--port", str(port)]
+        url = f"unix://{unix}" if unix is not None else f"http://127.0.0.1:{port}"
+        server = Kms([*args, *extra], self.kms_log, url, unix)
+        self.servers.append(server)
+        return server
+
+    def get_key(
+        self,
+        url: str,
+        *extra: str,
+        sim: Path | None = None,
+        deadline: float = 60,
+        identity: str | None = None,
+        **kw: Any,
+    ) -> subprocess.CompletedProcess[bytes]:
+        args = [KEYUTIL, "get-key", "--kms", url, "--kms-pubkey", identity or self.identity]
+        args += ["--nsm", "simulator", "--sim-dir", str(sim or self.sim)]
+        args += ["--deadline", str(deadline), "--log-format", "json", *extra]
+        return subprocess.run(args, capture_output=True, timeout=deadline + 30, **kw)
+
+    def close(self) -> None:
+        for server in self.servers:
+            server.stop()
+        shutil.rmtree(self.keys, ignore_errors=True)
+
+
+@pytest.fixture
+def setup(tmp_path: Path) -> Iterator[Setup]:
+    s = Setup(tmp_path)
+    yield s
+    s.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Setup, Kms]]:
+    """One KMS for the tests that only need a running one."""
+    s = Setup(tmp_path_factory.mktemp("shared"))
+    kms = s.kms().start().wait_listening()
+    yield s, kms
+    s.close()
+
+
+def assert_key_absent(key: bytes, *blobs: bytes) -> None:
+    forms = [key, key.hex().encode(), key.hex().upper().encode(), base64.b64encode(key)]
+    forms.append(base64.b64encode(key).rstrip(b"="))
+    forms.append(base64.urlsafe_b64encode(key).rstrip(b"="))
+    for blob in blobs:
+        for form in forms:
+            assert form not in blob
+
+
+def test_release_over_tcp_to_tmpfs_file(shared: tuple[Setup, Kms]) -> None:
+    s, kms = shared
+    out = s.keys / "tcp.key"
+    result = s.get_key(kms.url, "--key", "disk", "--out", str(out))
+    assert result.returncode == 0, result.stderr.decode()
+    key = out.read_bytes()
+    assert len(key) == 32
+    assert oct(out.stat().st_mode & 0o777) == "0o400"
+    assert_key_absent(
+        key, result.stdout, result.stderr, s.kms_log.read_bytes(), s.audit.read_bytes()
+    )
+
+
+def test_release_over_unix_socket(setup: Setup) -> None:
+    sock = setup.root / "kms.sock"
+    kms = setup.kms(unix=sock).start().wait_listening()
+    result = setup.get_key(kms.url, "--key", "disk", "--stdout", "--format", "hex")
+    assert result.returncode == 0, result.stderr.decode()
+    assert len(bytes.fromhex(result.stdout.decode().strip())) == 32
+
+
+def test_same_key_for_same_app_other_image_and_other_key_for_other_app(setup: Setup) -> None:
+    second, third = setup.root / "sim2", setup.root / "sim3"
+    image2, image3 = sim_init(second), sim_init(third)
+    # Each simulator has its own CA: trust them all.
+    kms = (
+        setup.kms(
+            "--trust-root",
+            str(second / "root.pem"),
+            "--trust-root",
+            str(third / "root.pem"),
+            images=(f"{setup.image}=app-a", f"{image2}=app-a", f"{image3}=app-b"),
+        )
+        .start()
+        .wait_listening()
+    )
+    keys = []
+    for sim in (setup.sim, second, third):
+        result = setup.get_key(kms.url, "--stdout", "--format", "hex", sim=sim)
+        assert result.returncode == 0, result.stderr.decode()
+        keys.append(result.stdout.strip())
+    assert keys[0] == keys[1]
+    assert keys[2] != keys[0]
+
+
+def test_kms_restart_releases_the_same_key(setup: Setup) -> None:
+    port = free_port()
+    kms = setup.kms(port=port).start().wait_listening()
+    first = setup.get_key(kms.url, "--stdout", "--format", "hex")
+    kms.stop()
+    kms = setup.kms(port=port).start().wait_listening()
+    second = setup.get_key(kms.url, "--stdout", "--format", "hex")
+    assert first.returncode == second.returncode == 0
+    assert first.stdout == second.stdout
+
+
+def test_wrong_pinned_identity_gives_exit_6(shared: tuple[Setup, Kms], tmp_path: Path) -> None:
+    s, kms = shared
+    other = identity_of(tmp_path / "other-state")
+    result = s.get_key(kms.url, "--stdout", "--format", "hex", identity=other)
+    assert result.returncode == 6
+    assert result.stdout == b""
+
+
+def test_untrusted_root_gives_exit_4_with_the_code_logged(
+    shared: tuple[Setup, Kms], tmp_path: Path
+) -> None:
+    s, kms = shared
+    stranger = tmp_path / "stranger"
+    sim_init(stranger)
+    started = time.monotonic()
+    result = s.get_key(kms.url, "--stdout", sim=stranger)
+    assert result.returncode == 4
+    assert b"chain_untrusted" in result.stderr
+    assert time.monotonic() - started < 10  # a denial is never retried
+
+
+def test_image_not_allowed_gives_exit_4(setup: Setup) -> None:
+    unregistered = setup.root / "unregistered"
+    sim_init(unregistered)
+    kms = setup.kms("--trust-root", str(unregistered / "root.pem")).start().wait_listening()
+    result = setup.get_key(kms.url, "--stdout", sim=unregistered)
+    assert result.returncode == 4
+    assert b"image_not_allowed" in result.stderr
+
+
+def test_debug_enclave_refused(setup: Setup) -> None:
+    debug = setup.root / "debug"
+    subprocess.run([KEYUTIL, "sim", "init", str(debug), "--debug"], check=True, capture_output=True)
+    kms = setup.kms("--trust-root", str(debug / "root.pem")).start().wait_listening()
+    result = setup.get_key(kms.url, "--stdout", sim=debug)
+    assert result.returncode == 4
+    assert b"debug_enclave" in result.stderr
+
+
+def test_kms_that_starts_late_is_waited_for(setup: Setup) -> None:
+    port = free_port()
+    kms = setup.kms(port=port)
+    timer = threading.Timer(3.0, kms.start)
+    timer.start()
+    try:
+        result = setup.get_key(kms.url, "--stdout", "--format", "hex", deadline=60)
+    finally:
+        timer.join()
+    assert result.returncode == 0, result.stderr.decode()
+
+
+def test_kms_that_never_starts_gives_exit_3_at_the_deadline(setup: Setup) -> None:
+    started = time.monotonic()
+    result = setup.get_key(f"http://127.0.0.1:{free_port()}", "--stdout", deadline=4)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 3
+    # Within 10% of the deadline (the process start itself is part of the budget here).
+    assert 4 * 0.9 <= elapsed <= 4 * 1.1 + 0.5, elapsed
+
+
+def test_chain_down_gives_503_then_exit_3(setup: Setup) -> None:
+    dead_rpc = f"http://127.0.0.1:{free_port()}"
+    kms = (
+        setup.kms(
+            "--rpc-url", dead_rpc, "--contract", "0x" + "11" * 20, "--chain-id", "31337", images=()
+        )
+        .start()
+        .wait_listening()
+    )
+    try:
+        urllib.request.urlopen(kms.url + "/v1/health", timeout=5)
+        raise AssertionError("health should be 503 while the chain is down")
+    except urllib.error.HTTPError as e:
+        assert e.code == 503
+        assert json.load(e)["error"] == "chain_unavailable"
+    started = time.monotonic()
+    result = setup.get_key(kms.url, "--stdout", deadline=4)
+    assert result.returncode == 3
+    assert time.monotonic() - started <= 4 * 1.1 + 0.5
+    assert b"chain_unavailable" in result.stderr
+
+
+def test_output_directory_not_writable_gives_exit_7_and_writes_nothing(
+    shared: tuple[Setup, Kms],
+) -> None:
+    s, kms = shared
+    blocker = s.keys / "a-file"
+    blocker.write_bytes(b"")
+    result = s.get_key(kms.url, "--out-dir", str(blocker / "keys"), "--key", "k1")
+    assert result.returncode == 7
+    assert list(s.keys.glob("**/k1*")) == []
+
+
+def test_twenty_concurrent_clients_all_succeed(shared: tuple[Setup, Kms]) -> None:
+    s, kms = shared
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        results = list(
+            pool.map(lambda _: s.get_key(kms.url, "--stdout", "--format", "hex"), range(20))
+        )
+    assert [r.returncode for r in results] == [0] * 20, [r.stderr[-300:] for r in results]
+    assert len({r.stdout for r in results}) == 1  # one application, one key
+
+
+class TamperingProxy:
+    """The untrusted host: forwards TCP to the KMS and flips one byte of each release answer."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target = target_port
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.tampered = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        with client, socket.create_connection(("127.0.0.1", self.target)) as upstream:
+            request = self._read_message(client)
+            upstream.sendall(request)
+            response = self._read_message(upstream)
+            marker = b'"sealed":"'
+            at = response.find(marker)
+            if request.startswith(b"POST /v1/release") and at >= 0:
+                i = at + len(marker) + 5
+                swapped = b"A" if response[i : i + 1] != b"A" else b"B"
+                response = response[:i] + swapped + response[i + 1 :]
+                self.tampered += 1
+            client.sendall(response)
+
+    @staticmethod
+    def _read_message(sock: socket.socket) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                return data
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = 0
+        for line in head.split(b"\r\n"):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        while len(body) < length:
+            body += sock.recv(65536)
+        return head + b"\r\n\r\n" + body
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_answer_tampered_by_the_host_gives_exit_6(shared: tuple[Setup, Kms]) -> None:
+    s, kms = shared
+    proxy = TamperingProxy(int(kms.url.rsplit(":", 1)[1]))
+    try:
+        result = s.get_key(f"http://127.0.0.1:{proxy.port}", "--stdout", "--format", "hex")
+    finally:
+        proxy.close()
+    assert proxy.tampered >= 1
+    assert result.returncode == 6
+    assert result.stdout == b""
