@@ -209,7 +209,7 @@ def serve() -> Iterator[Callable[[socketserver.BaseServer], str]]:
 
     def start(server: socketserver.BaseServer) -> str:
         servers.append(server)
-        threading.Thread(target=server.serve_forever, daemon=True).start()
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
         return str(server.url)  # type: ignore[attr-defined]
 
     yield start
