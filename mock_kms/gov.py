@@ -221,9 +221,11 @@ class _Write:
 
 
 def _execute(out: Output, opts: _Write, tx: chain.TxRequest, *, owner_role: str = "owner",
-             describe: str, extra: dict[str, Any] | None = None) -> None:
+             describe: str, extra: dict[str, Any] | None = None,
+             signer: LocalAccount | None = None) -> None:
     """Act: simulate and send ``tx`` (or print it as calldata), then report the receipt."""
-    signer = None if opts.calldata else _load_signer(opts.keystore, stdin_busy=opts.stdin_busy)
+    if signer is None and not opts.calldata:
+        signer = _load_signer(opts.keystore, stdin_busy=opts.stdin_busy)
     w3 = _connect(opts.rpc_url, opts.timeout)
     chain_id = chain.check_chain(w3, tx.to, opts.chain_id)
     log.info("chain %d answers%s", chain_id, f"; contract {tx.to} has code" if tx.to else "")
@@ -296,13 +298,15 @@ def deploy(owner: str | None, rpc_url: str | None, chain_id: int | None, timeout
     """Deploy a new ImageAllowlist contract; prints its address."""
     def body(out: Output) -> None:
         opts = _Write(rpc_url, chain_id, timeout, keystore, calldata, receipt_timeout)
-        initial = owner
+        if calldata and owner is None:
+            raise click.UsageError("deploy --calldata needs --owner")
+        signer = None if calldata else _load_signer(keystore)
+        initial = chain.parse_address(owner) if owner is not None else None
         if initial is None:
-            if calldata:
-                raise click.UsageError("deploy --calldata needs --owner")
-            initial = _load_signer(keystore).address
-        tx = chain.deploy_request(chain.parse_address(initial))
-        _execute(out, opts, tx, describe="deploy", extra={"owner": chain.parse_address(initial)})
+            assert signer is not None
+            initial = signer.address
+        _execute(out, opts, chain.deploy_request(initial), describe="deploy",
+                 extra={"owner": initial}, signer=signer)
     _run(as_json, verbose, body)
 
 

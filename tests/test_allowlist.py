@@ -482,3 +482,15 @@ def test_reader_against_anvil_with_wrong_chain_id(anvil: Anvil) -> None:
     with pytest.raises(UnavailableError) as info:
         reader.check_ready()
     assert info.value.code == ErrorCode.CHAIN_MISCONFIGURED
+
+
+# --- the module docstrings' examples run ---------------------------------------------
+
+
+@pytest.mark.parametrize("module", ["mock_kms.allowlist", "mock_kms.chain"])
+def test_docstring_examples_run(module: str) -> None:
+    import doctest
+    import importlib
+
+    result = doctest.testmod(importlib.import_module(module))
+    assert result.attempted > 0 and result.failed == 0

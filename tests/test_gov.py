@@ -93,6 +93,24 @@ def test_deploy_prints_address_and_signer_is_owner(kms_gov: Any, gov_env: dict[s
     assert info.json["pending_owner"] is None
 
 
+def test_deploy_for_another_owner(kms_gov: Any, anvil: Anvil) -> None:
+    multisig = anvil.new_account().address
+    deployed = kms_gov("deploy", "--owner", multisig, "--json")
+    assert deployed.code == 0 and deployed.json["owner"] == multisig
+    info = kms_gov("info", "--contract", deployed.json["address"], "--json")
+    assert info.json["owner"] == multisig
+    # The deployer is not the owner: it cannot register images.
+    refused = kms_gov("add-image", IMAGE, "--app", "a", "--contract", deployed.json["address"])
+    assert refused.code == gov.EXIT_NOT_OWNER
+
+
+def test_deploy_with_zero_owner_is_refused(kms_gov: Any, anvil: Anvil) -> None:
+    head = _head(anvil)
+    result = kms_gov("deploy", "--owner", "0x" + "00" * 20, "--json")
+    assert (result.code, result.json["error"]) == (gov.EXIT_USAGE, "address_invalid")
+    assert _head(anvil) == head
+
+
 def test_add_check_remove_list(kms_gov: Any, contract: str, anvil: Anvil) -> None:
     added = kms_gov("add-image", IMAGE, "--app", "billing", "--json")
     assert added.code == 0, added
