@@ -3,10 +3,14 @@
     $ keyutil sim init /tmp/sim --pcr0 $(printf 'aa%.0s' {1..48})
     $ keyutil attest --nsm simulator --sim-dir /tmp/sim --nonce 00ff --out doc.cose
 
+    $ keyutil get-key --kms vsock://3:8000 --kms-pubkey @/etc/kms.pub --out /run/keys/app.key
+
 Results on stdout, logs on stderr. Every option is also an environment variable,
 ``KEYUTIL_<COMMAND>_<OPTION>`` (``KEYUTIL_ATTEST_OUT``), and the NSM choice is ``KEYUTIL_NSM``
-and ``KEYUTIL_SIM_DIR`` for every command.
-Exit codes are stable: 0 success, 2 usage, 5 NSM error, 7 output error.
+and ``KEYUTIL_SIM_DIR`` for every command; the KMS is ``KEYUTIL_KMS`` and its identity
+``KEYUTIL_KMS_PUBKEY``.
+Exit codes are stable: 0 success, 2 usage, 3 KMS unreachable by the deadline, 4 denied by
+the KMS, 5 NSM error, 6 the KMS answer failed authentication, 7 output error.
 """
 
 from __future__ import annotations
@@ -15,9 +19,10 @@ import base64
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import click
 
@@ -25,7 +30,10 @@ from keyutil.nsm import NsmError, NsmKind, open_nsm
 
 EXIT_OK = 0
 EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_DENIED = 4
 EXIT_NSM = 5
+EXIT_UNAUTHENTICATED = 6
 EXIT_OUTPUT = 7
 
 
@@ -74,7 +82,9 @@ def cli() -> None:
     """Attested key release inside an AWS Nitro Enclave.
 
     \b
-    Exit codes: 0 success, 2 usage, 5 NSM error, 7 output error.
+    Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
+    4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
+    7 output error.
     """
 
 
@@ -180,6 +190,293 @@ def sim_init(
     click.echo(f"module_id     {summary['module_id']}")
     click.echo(f"os_image_hash {summary['os_image_hash']}")
     click.echo(f"debug         {str(debug).lower()}")
+
+
+# -- get-key and health: the release flow ----------------------------------------------------
+# The flow's modules (HPKE, http.client, ssl) are imported inside the commands, so that
+# 'keyutil attest' and 'keyutil sim' do not pay for them.
+
+SUITE_CHOICES = ("x25519", "p384")  # protocol.SUITE_X25519 and SUITE_P384
+LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+
+
+class EventLog:
+    """Events on stderr, as text or JSON lines. Callers never pass key material."""
+
+    def __init__(self, fmt: str, verbosity: int) -> None:
+        self.fmt = fmt
+        self.threshold = LOG_LEVELS["debug" if verbosity > 0 else "info"]
+
+    def __call__(self, level: str, event: str, fields: Any) -> None:
+        if LOG_LEVELS.get(level, 40) < self.threshold:
+            return
+        if self.fmt == "json":
+            record = {"ts": round(time.time(), 3), "level": level, "event": event, **fields}
+            line = json.dumps(record, default=str)
+        else:
+            parts = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
+            line = f"keyutil: {level}: {event}" + (f" {parts}" if parts else "")
+        click.echo(line, err=True)
+
+    def fail(self, exit_code: int, event: str, **fields: Any) -> None:
+        self("error", event, {"exit": exit_code, **fields})
+        sys.exit(exit_code)
+
+
+log_format_option = click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Logs on stderr as text lines or JSON lines.",
+)
+verbose_option = click.option("-v", "--verbose", count=True, help="Log each attempt.")
+kms_option = click.option(
+    "--kms",
+    "kms_url",
+    required=True,
+    envvar="KEYUTIL_KMS",
+    help="The KMS: http://HOST:PORT, https://HOST:PORT, unix:///PATH or vsock://CID:PORT.",
+)
+kms_ca_option = click.option(
+    "--kms-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For https: trust only this CA file (PEM). Default: the system store.",
+)
+
+
+def deadline_option(default: float) -> Callable[[Any], Any]:
+    return click.option(
+        "--deadline",
+        type=click.FloatRange(min=0, min_open=True),
+        default=default,
+        help="Give up after this many seconds overall (exit 3).",
+    )
+
+
+def _transport(kms_url: str, kms_ca: str | None) -> Any:
+    import ssl
+
+    from keyutil.transport import HttpTransport
+
+    try:
+        return HttpTransport.from_url(kms_url, ca_file=kms_ca)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--kms") from None
+    except ssl.SSLError as e:
+        raise click.BadParameter(
+            f"cannot load CA file: {e.reason}", param_hint="--kms-ca"
+        ) from None
+
+
+def _identity_text(value: str | None) -> str | None:
+    """``ed25519:...`` as given, or read from ``@FILE``."""
+    if value is None or not value.startswith("@"):
+        return value
+    try:
+        return Path(value[1:]).read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = getattr(e, "strerror", None) or "not text"
+        raise click.BadParameter(
+            f"cannot read {value[1:]}: {reason}", param_hint="--kms-pubkey"
+        ) from None
+
+
+@cli.command("get-key")
+@kms_option
+@click.option(
+    "--kms-pubkey",
+    envvar="KEYUTIL_KMS_PUBKEY",
+    help="The pinned KMS identity, ed25519:BASE64, or @FILE holding it (bake it into the image).",
+)
+@click.option(
+    "--insecure-skip-kms-auth",
+    is_flag=True,
+    help="UNSAFE: do not check the answer's signature (the nonce and binding still are).",
+)
+@kms_ca_option
+@click.option(
+    "--key",
+    "key_names",
+    multiple=True,
+    default=["default"],
+    help="Key name to release; repeat for several. The name is the derivation context.",
+)
+@click.option(
+    "--length",
+    "lengths",
+    type=int,
+    multiple=True,
+    default=[32],
+    help="Key length in bytes: once for all keys, or once per --key in order.",
+)
+@click.option(
+    "--suite",
+    type=click.Choice(SUITE_CHOICES),
+    default="x25519",
+    help="HPKE suite the keys are sealed with.",
+)
+@click.option("--out", type=click.Path(dir_okay=False), help="Write the one key to FILE.")
+@click.option(
+    "--out-dir",
+    type=click.Path(file_okay=False),
+    help="Write each key to DIR/NAME (DIR must exist).",
+)
+@click.option("--stdout", "to_stdout", is_flag=True, help="Write the key(s) to stdout.")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["raw", "hex", "base64"]),
+    default="raw",
+    help="With --stdout: raw bytes (refused on a terminal), hex or base64.",
+)
+@click.option(
+    "--allow-persistent",
+    is_flag=True,
+    help="Allow --out/--out-dir on a file system other than tmpfs or ramfs.",
+)
+@deadline_option(60.0)
+@nsm_option
+@sim_dir_option
+@log_format_option
+@verbose_option
+def get_key(
+    kms_url: str,
+    kms_pubkey: str | None,
+    insecure_skip_kms_auth: bool,
+    kms_ca: str | None,
+    key_names: tuple[str, ...],
+    lengths: tuple[int, ...],
+    suite: str,
+    out: str | None,
+    out_dir: str | None,
+    to_stdout: bool,
+    fmt: Literal["raw", "hex", "base64"],
+    allow_persistent: bool,
+    deadline: float,
+    nsm_kind: NsmKind,
+    sim_dir: Path | None,
+    log_format: str,
+    verbose: int,
+) -> None:
+    """Release keys from the KMS to this attested enclave and write them out.
+
+    \b
+    Asks the KMS for a challenge, gets an attestation document from the NSM binding the
+    challenge, a fresh HPKE public key and this request, and checks that the answer is
+    signed by the pinned KMS identity and is for this very request before writing anything.
+    Retries while the KMS is unavailable (503, no connection), up to --deadline;
+    never retries a denial. The default key is one 32-byte key named "default".
+    \b
+    Exit codes: 0 released, 2 usage, 3 KMS unreachable by the deadline, 4 denied
+    (the KMS's code is logged), 5 NSM error, 6 the answer failed authentication,
+    7 output error.
+    """
+    started = time.monotonic()
+    log = EventLog(log_format, verbose)
+
+    from keyutil.client import (
+        AnswerRejected,
+        KmsDenied,
+        KmsUnavailable,
+        ReleaseRequest,
+        release_keys,
+    )
+    from keyutil.output import DirSink, FileSink, OutputError, Sink, StdoutSink
+    from keyutil.protocol import SUITE_P384, SUITE_X25519, ProtocolError
+
+    if sum((out is not None, out_dir is not None, to_stdout)) != 1:
+        raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
+    if fmt != "raw" and not to_stdout:
+        raise click.UsageError("--format applies to --stdout only")
+    identity = _identity_text(kms_pubkey)
+    if identity is None and not insecure_skip_kms_auth:
+        raise click.UsageError(
+            "--kms-pubkey (or KEYUTIL_KMS_PUBKEY) is required: without it a host could feed "
+            "this enclave a key of its choosing (--insecure-skip-kms-auth to skip, unsafely)"
+        )
+    if identity is not None and insecure_skip_kms_auth:
+        raise click.UsageError("give --kms-pubkey or --insecure-skip-kms-auth, not both")
+    try:
+        request = ReleaseRequest.build(
+            key_names,
+            lengths=lengths,
+            suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
+            identity=identity,
+        )
+    except ProtocolError as e:
+        raise click.UsageError(e.message) from None
+    transport = _transport(kms_url, kms_ca)
+    sink: Sink
+    if out is not None:
+        sink = FileSink(out, allow_persistent=allow_persistent)
+    elif out_dir is not None:
+        sink = DirSink(out_dir, allow_persistent=allow_persistent)
+    else:
+        sink = StdoutSink(sys.stdout.buffer, fmt=fmt)
+    try:
+        sink.check([k.name for k in request.keys])
+    except OutputError as e:
+        log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
+    try:
+        nsm = open_nsm(nsm_kind, sim_dir=sim_dir)
+        release = release_keys(
+            transport,
+            nsm,
+            request,
+            deadline_s=deadline - (time.monotonic() - started),
+            log=log,
+        )
+    except NsmError as e:
+        log.fail(EXIT_NSM, "nsm_error", code=e.code, message=e.message)
+        return
+    except KmsUnavailable as e:
+        log.fail(EXIT_UNAVAILABLE, "kms_unavailable", code=e.code, message=e.message)
+        return
+    except KmsDenied as e:
+        log.fail(EXIT_DENIED, "denied", code=e.code, status=e.status, message=e.message)
+        return
+    except AnswerRejected as e:
+        log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code=e.code, message=e.message)
+        return
+    try:
+        sink.write(release.keys)
+    except OutputError as e:
+        log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
+    finally:
+        release.wipe()
+    log(
+        "info",
+        "written",
+        {"keys": [k.name for k in release.keys], "to": out or out_dir or "stdout"},
+    )
+
+
+@cli.command()
+@kms_option
+@kms_ca_option
+@deadline_option(5.0)
+@log_format_option
+@verbose_option
+def health(
+    kms_url: str, kms_ca: str | None, deadline: float, log_format: str, verbose: int
+) -> None:
+    """Wait until the KMS says it is ready, up to --deadline; print its health JSON.
+
+    \b
+    Exit codes: 0 ready, 2 usage, 3 not ready or unreachable by the deadline
+    (then stdout has {"status": "unavailable", "error": CODE, "message": TEXT}).
+    """
+    from keyutil.client import KmsDenied, KmsUnavailable, wait_ready
+
+    log = EventLog(log_format, verbose)
+    transport = _transport(kms_url, kms_ca)
+    try:
+        body = wait_ready(transport, deadline_s=deadline, log=log)
+    except (KmsUnavailable, KmsDenied) as e:
+        click.echo(json.dumps({"status": "unavailable", "error": e.code, "message": e.message}))
+        log.fail(EXIT_UNAVAILABLE, "not_ready", code=e.code, message=e.message)
+        return
+    click.echo(json.dumps(body))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
