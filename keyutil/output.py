@@ -2,8 +2,8 @@
 
     >>> from keyutil.output import FileSink
     >>> sink = FileSink("/run/keys/app.key")                      # doctest: +SKIP
-    >>> sink.check(key_names=["default"])     # before asking the KMS: refuse early
-    >>> sink.write(release.keys)              # atomic, mode 0400, never a partial file
+    >>> sink.check(["default"])         # before asking the KMS   # doctest: +SKIP
+    >>> sink.write(release.keys)        # atomic, mode 0400      # doctest: +SKIP
 
 Files are written atomically: a temporary file created mode 0400 in the target's directory,
 written in full, fsync'd, renamed over the target, and the directory fsync'd. Files are
