@@ -159,6 +159,51 @@ class CacheStats:
     size: int
 
 
+class StatusCache:
+    """Chain answers kept for at most ``settings.max_staleness`` seconds (the revocation
+    delay), at most ``settings.cache_size`` of them, least recently used dropped first."""
+
+    def __init__(self, settings: ReaderSettings, clock: Clock) -> None:
+        self._settings = settings
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._entries: collections.OrderedDict[bytes, tuple[float, ImageStatus]] = (
+            collections.OrderedDict()
+        )
+        self._hits = 0
+        self._misses = 0
+
+    def now(self) -> float:
+        return self._clock()
+
+    def get(self, image_hash: bytes, now: float) -> ImageStatus | None:
+        with self._lock:
+            entry = self._entries.get(image_hash)
+            if entry is not None and now - entry[0] < self._settings.max_staleness:
+                self._entries.move_to_end(image_hash)
+                self._hits += 1
+                return entry[1]
+            self._misses += 1
+            return None
+
+    def put(self, image_hash: bytes, status: ImageStatus, read_at: float) -> None:
+        if not (self._settings.cache_size and self._settings.max_staleness):
+            return
+        with self._lock:
+            self._entries[image_hash] = (read_at, status)
+            self._entries.move_to_end(image_hash)
+            while len(self._entries) > self._settings.cache_size:
+                self._entries.popitem(last=False)
+
+    def forget(self, image_hash: bytes) -> None:
+        with self._lock:
+            self._entries.pop(image_hash, None)
+
+    def stats(self) -> CacheStats:
+        with self._lock:
+            return CacheStats(hits=self._hits, misses=self._misses, size=len(self._entries))
+
+
 class RpcAllowlist:
     """The allowlist contract at ``contract_address`` read through ``w3``.
 
@@ -182,11 +227,7 @@ class RpcAllowlist:
         self._settings = settings or ReaderSettings()
         self._clock = clock
         self._lock = threading.Lock()
-        self._cache: collections.OrderedDict[bytes, tuple[float, ImageStatus]] = (
-            collections.OrderedDict()
-        )
-        self._hits = 0
-        self._misses = 0
+        self._cache = StatusCache(self._settings, clock)
         self._checked = False
 
     @classmethod
@@ -231,28 +272,18 @@ class RpcAllowlist:
 
     def lookup(self, image_hash: bytes) -> ImageStatus:
         image_hash = check_image_hash(image_hash)
-        now = self._clock()
-        with self._lock:
-            entry = self._cache.get(image_hash)
-            if entry is not None and now - entry[0] < self._settings.max_staleness:
-                self._cache.move_to_end(image_hash)
-                self._hits += 1
-                return entry[1]
-            self._misses += 1
+        now = self._cache.now()
+        cached = self._cache.get(image_hash, now)
+        if cached is not None:
+            return cached
         if not self._checked:
             self.check_ready()
         status = self._read(image_hash)
-        if self._settings.cache_size and self._settings.max_staleness:
-            with self._lock:
-                self._cache[image_hash] = (now, status)
-                self._cache.move_to_end(image_hash)
-                while len(self._cache) > self._settings.cache_size:
-                    self._cache.popitem(last=False)
+        self._cache.put(image_hash, status, now)
         return status
 
     def stats(self) -> CacheStats:
-        with self._lock:
-            return CacheStats(hits=self._hits, misses=self._misses, size=len(self._cache))
+        return self._cache.stats()
 
     def _read(self, image_hash: bytes) -> ImageStatus:
         block: int | str = "latest"
@@ -278,21 +309,37 @@ class EmbeddedAllowlist:
     The zero-setup default for development and CI. Images are registered through the
     contract's own ``addOsImageHash``, sent by the contract's owner (the first account of the
     in-process chain), so the contract's checks (zero hash, debug hash, one application per
-    image) apply exactly as on a real chain. Lookups read the chain directly: no cache, so a
-    removal takes effect for the next lookup.
+    image) apply exactly as on a real chain. Lookups are cached like :class:`RpcAllowlist`'s
+    (a py-evm ``eth_call`` costs milliseconds); registrations and removals made through this
+    object drop the image from the cache, so they take effect for the next lookup.
 
     Persistence: none. The chain, the contract and every registration live in this process's
     memory and vanish when it exits; ``create()`` always starts from an empty allowlist.
     """
 
-    def __init__(self, w3: Web3, contract_address: str, owner: str) -> None:
+    def __init__(
+        self,
+        w3: Web3,
+        contract_address: str,
+        owner: str,
+        *,
+        settings: ReaderSettings | None = None,
+        clock: Clock = time.monotonic,
+    ) -> None:
         self._w3 = w3
         self._address = chain.parse_address(contract_address)
         self._owner = owner
         self._lock = threading.Lock()  # eth-tester is not thread-safe
+        self._cache = StatusCache(settings or ReaderSettings(), clock)
 
     @classmethod
-    def create(cls, images: Iterable[tuple[bytes, bytes]] = ()) -> EmbeddedAllowlist:
+    def create(
+        cls,
+        images: Iterable[tuple[bytes, bytes]] = (),
+        *,
+        settings: ReaderSettings | None = None,
+        clock: Clock = time.monotonic,
+    ) -> EmbeddedAllowlist:
         """A fresh in-process chain with the contract deployed, then ``images`` registered
         as (hash, application) pairs."""
         # Imported here: eth-tester and py-evm are only needed by the embedded chain.
@@ -303,7 +350,7 @@ class EmbeddedAllowlist:
         owner = w3.eth.accounts[0]
         receipt = chain.send(w3, chain.deploy_request(owner), sender=owner)
         assert receipt.contract_address is not None
-        allowlist = cls(w3, receipt.contract_address, owner)
+        allowlist = cls(w3, receipt.contract_address, owner, settings=settings, clock=clock)
         for image_hash, app in images:
             allowlist.register_image(image_hash, app)
         return allowlist
@@ -329,13 +376,17 @@ class EmbeddedAllowlist:
         the contract refuses it (zero or debug hash, zero application, already allowed)."""
         request = chain.add_request(self._address, image_hash, application)
         with self._lock:
-            return chain.send(self._w3, request, sender=self._owner)
+            receipt = chain.send(self._w3, request, sender=self._owner)
+        self._cache.forget(image_hash)
+        return receipt
 
     def remove_image(self, image_hash: bytes) -> Receipt:
         """``removeOsImageHash(image_hash)`` sent by the owner."""
         request = chain.remove_request(self._address, image_hash)
         with self._lock:
-            return chain.send(self._w3, request, sender=self._owner)
+            receipt = chain.send(self._w3, request, sender=self._owner)
+        self._cache.forget(image_hash)
+        return receipt
 
     def check_ready(self) -> None:
         with self._lock:
@@ -343,8 +394,18 @@ class EmbeddedAllowlist:
 
     def lookup(self, image_hash: bytes) -> ImageStatus:
         image_hash = check_image_hash(image_hash)
+        now = self._cache.now()
+        cached = self._cache.get(image_hash, now)
+        if cached is not None:
+            return cached
         with self._lock:
             # An explicit sender spares the eth-tester provider an eth_accounts round per call.
-            allowed, app = chain.read_image_status(self._w3, self._address, image_hash,
-                                                   sender=self._owner)
-        return ImageStatus(allowed=allowed, application=app if allowed else None)
+            allowed, app = chain.read_image_status(
+                self._w3, self._address, image_hash, sender=self._owner
+            )
+        status = ImageStatus(allowed=allowed, application=app if allowed else None)
+        self._cache.put(image_hash, status, now)
+        return status
+
+    def stats(self) -> CacheStats:
+        return self._cache.stats()
