@@ -42,6 +42,8 @@ COSE_HEADER_ALG = 1
 COSE_ALG_ES384 = -35
 ES384_SIGNATURE_LENGTH = 96
 ES384_PROTECTED_HEADER = bytes.fromhex("a1013822")  # {1: -35}
+# 10000-01-01T00:00:00Z in ms: beyond it a timestamp is no date Python can hold.
+MAX_TIMESTAMP_MS = 253_402_300_800_000
 
 # PCR length for each digest the NSM may report.
 DIGEST_PCR_LENGTH = {"SHA256": 32, "SHA384": 48, "SHA512": 64}
@@ -156,8 +158,10 @@ def _parse_cose_envelope(data: bytes, limits: Limits) -> tuple[bytes, bytes, byt
                 f"expected untagged COSE_Sign1 or tag 18; found tag {item.tag}",
             )
         item = item.value
-    if not isinstance(item, list) or len(item) != 4:
-        found = f"array of {len(item)}" if isinstance(item, list) else _type_name(item)
+    # cbor2 hands over the content of a tag it has no decoder for as immutable values (a
+    # tuple for the array, a frozendict for maps): tag 18 must parse like the untagged form.
+    if not isinstance(item, list | tuple) or len(item) != 4:
+        found = f"array of {len(item)}" if isinstance(item, list | tuple) else _type_name(item)
         raise _fail(ErrorCode.COSE_STRUCTURE, f"expected a COSE_Sign1 array of 4; found {found}")
     protected, unprotected, payload, signature = item
     for name, value in (("protected", protected), ("payload", payload), ("signature", signature)):
@@ -166,7 +170,7 @@ def _parse_cose_envelope(data: bytes, limits: Limits) -> tuple[bytes, bytes, byt
                 ErrorCode.COSE_STRUCTURE,
                 f"COSE_Sign1 {name}: expected a byte string; found {_type_name(value)}",
             )
-    if not isinstance(unprotected, dict):
+    if not isinstance(unprotected, Mapping):
         raise _fail(
             ErrorCode.COSE_STRUCTURE,
             f"COSE_Sign1 unprotected header: expected a map; found {_type_name(unprotected)}",
@@ -279,10 +283,11 @@ def parse_attestation(data: bytes, *, limits: Limits = LIMITS) -> AttestationDoc
             f"digest: expected one of {', '.join(DIGEST_PCR_LENGTH)}; found {digest[:16]!r}",
         )
     timestamp = fields["timestamp"]
-    if type(timestamp) is not int or not 0 < timestamp < 2**63:
+    if type(timestamp) is not int or not 0 < timestamp < MAX_TIMESTAMP_MS:
+        shown = timestamp if type(timestamp) is int else _type_name(timestamp)
         raise _fail(
             ErrorCode.FIELD_TYPE,
-            f"timestamp: expected a positive integer (ms); found {_type_name(timestamp)}",
+            f"timestamp: expected milliseconds since 1970 before the year 10000; found {shown}",
         )
     pcrs = _parse_pcrs(fields["pcrs"], digest, limits)
     certificate = _expect_bytes(fields["certificate"], "certificate", limits.max_certificate_size)

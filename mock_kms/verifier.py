@@ -44,7 +44,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -144,14 +144,19 @@ def _fail(code: ErrorCode, message: str) -> AttestationError:
 
 
 def _name(cert: x509.Certificate) -> str:
-    attrs = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else cert.subject.rfc4514_string()
+    """The certificate's common name, for messages; its subject is parsed lazily and may be
+    malformed, which must not turn a refusal into a crash."""
+    try:
+        attrs = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+        return str(attrs[0].value) if attrs else cert.subject.rfc4514_string()
+    except ValueError:
+        return "a certificate with an unreadable subject"
 
 
 def _load_der(der: bytes, what: str) -> x509.Certificate:
     try:
         return x509.load_der_x509_certificate(der)
-    except ValueError as e:
+    except (ValueError, x509.InvalidVersion) as e:
         raise _fail(
             ErrorCode.CERTIFICATE_MALFORMED, f"{what}: expected a DER certificate; {e}"
         ) from None
@@ -250,7 +255,13 @@ class AttestationVerifier:
     # Step 2 -------------------------------------------------------------------------------
     @staticmethod
     def _verify_cose_signature(doc: AttestationDocument, leaf: x509.Certificate) -> None:
-        key = leaf.public_key()
+        try:
+            key = leaf.public_key()
+        except (ValueError, UnsupportedAlgorithm) as e:
+            raise _fail(
+                ErrorCode.CERTIFICATE_MALFORMED,
+                f"certificate: expected a P-384 public key; it does not load ({e})",
+            ) from None
         if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp384r1":
             raise _fail(
                 ErrorCode.CERTIFICATE_MALFORMED,
