@@ -120,6 +120,9 @@ class VerifiedAttestation:
 @dataclasses.dataclass(frozen=True)
 class _VerifiedChain:
     issuer: x509.Certificate  # cabundle[-1], the leaf's issuer
+    # A store holding only the issuer, kept so that its key is loaded once (an immutable
+    # object, safe to share between threads).
+    anchor: verification.Store
     not_before: datetime.datetime  # latest notBefore over the cabundle
     not_after: datetime.datetime  # earliest notAfter over the cabundle
 
@@ -299,7 +302,7 @@ class AttestationVerifier:
         if cached is not None and cached.not_before <= at <= cached.not_after:
             # The cabundle was validated before; its window still holds. The leaf is
             # checked in full against its issuer, which serves as the anchor.
-            self._build(leaf, [], anchor=cached.issuer, at=at)
+            self._build(leaf, [], store=cached.anchor, at=at)
             return
         self._cache_put(key, self._verify_full_chain(doc, leaf, root, at))
 
@@ -316,7 +319,7 @@ class AttestationVerifier:
         for i, cert in enumerate(bundle):
             _check_validity(cert, f"cabundle[{i}]", at)
         intermediates = bundle[1:]
-        chain = self._build(leaf, intermediates, anchor=root, at=at)
+        chain = self._build(leaf, intermediates, store=verification.Store([root]), at=at)
         expected = [leaf, *reversed(intermediates), root]
         if [_der(c) for c in chain] != [_der(c) for c in expected]:
             raise _fail(
@@ -326,6 +329,7 @@ class AttestationVerifier:
             )
         return _VerifiedChain(
             issuer=bundle[-1],
+            anchor=verification.Store([bundle[-1]]),
             not_before=max(c.not_valid_before_utc for c in bundle),
             not_after=min(c.not_valid_after_utc for c in bundle),
         )
@@ -335,12 +339,12 @@ class AttestationVerifier:
         leaf: x509.Certificate,
         intermediates: list[x509.Certificate],
         *,
-        anchor: x509.Certificate,
+        store: verification.Store,
         at: datetime.datetime,
     ) -> list[x509.Certificate]:
         verifier = (
             verification.PolicyBuilder()
-            .store(verification.Store([anchor]))
+            .store(store)
             .time(at)
             .max_chain_depth(self._limits.max_cabundle_length)
             .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
