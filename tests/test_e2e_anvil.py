@@ -1,0 +1,124 @@
+"""Governance on a real chain: kms-gov on anvil, mock-kms reading it, keyutil releasing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from chain_fixtures import Anvil
+from click.testing import CliRunner
+from test_e2e_release import Setup
+
+from mock_kms.cli import cli as kms_cli
+
+pytestmark = pytest.mark.slow
+KMS_GOV = str(Path(sys.executable).parent / "kms-gov")
+REVOCATION_DELAY = 2.0
+
+
+def gov(anvil: Anvil, key: str, *args: str) -> subprocess.CompletedProcess[bytes]:
+    env = {
+        **os.environ,
+        "KMS_GOV_RPC_URL": anvil.url,
+        "KMS_GOV_PRIVATE_KEY": key,
+    }
+    return subprocess.run([KMS_GOV, *args], env=env, capture_output=True, timeout=60)
+
+
+def test_revocation_on_chain_takes_effect_within_the_documented_delay(
+    anvil: Anvil, tmp_path: Path
+) -> None:
+    setup = Setup(tmp_path)
+    try:
+        owner = anvil.new_account()
+        key = "0x" + bytes(owner.key).hex()
+        contract = anvil.deploy(owner)
+        added = gov(anvil, key, "add-image", setup.image, "--app", "app-a", "--contract", contract)
+        assert added.returncode == 0, added.stderr.decode()
+
+        kms = (
+            setup.kms(
+                "--rpc-url",
+                anvil.url,
+                "--contract",
+                contract,
+                "--chain-id",
+                str(anvil.chain_id),
+                "--revocation-delay",
+                str(REVOCATION_DELAY),
+                images=(),
+            )
+            .start()
+            .wait_listening()
+        )
+        released = setup.get_key(kms.url, "--stdout", "--format", "hex")
+        assert released.returncode == 0, released.stderr.decode()
+
+        removed = gov(anvil, key, "remove-image", setup.image, "--contract", contract)
+        assert removed.returncode == 0, removed.stderr.decode()
+        time.sleep(REVOCATION_DELAY)  # the receipt is in: wait out the documented delay
+        refused = setup.get_key(kms.url, "--stdout")
+        assert refused.returncode == 4
+        assert b"image_not_allowed" in refused.stderr
+
+        # Registered again (a new decision on chain): released again, with the same key.
+        again = gov(anvil, key, "add-image", setup.image, "--app", "app-a", "--contract", contract)
+        assert again.returncode == 0, again.stderr.decode()
+        time.sleep(REVOCATION_DELAY)
+        back = setup.get_key(kms.url, "--stdout", "--format", "hex")
+        assert back.returncode == 0 and back.stdout == released.stdout
+    finally:
+        setup.close()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [
+                "--rpc-url",
+                "http://127.0.0.1:1",
+                "--contract",
+                "0x" + "11" * 20,
+                "--chain-id",
+                "1",
+                "--allow-image",
+                "0x" + "22" * 32 + "=app",
+            ],
+            "--allow-image registers on the embedded",
+        ),
+        (["--rpc-url", "http://127.0.0.1:1"], "--rpc-url needs --contract and --chain-id"),
+        (["--contract", "0x" + "11" * 20], "--contract goes with --rpc-url"),
+        (["--no-aws-root"], "--no-aws-root needs at least one --trust-root"),
+    ],
+    ids=[
+        "allow-image-with-external-chain",
+        "rpc-without-contract",
+        "contract-without-rpc",
+        "no-root",
+    ],
+)
+def test_serve_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path) -> None:
+    result = CliRunner().invoke(kms_cli, ["serve", "--state-dir", str(tmp_path / "s"), *args])
+    assert result.exit_code == 2
+    assert message in result.output
+
+
+def test_serve_bad_allow_image_value_exits_1(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        kms_cli, ["serve", "--state-dir", str(tmp_path / "s"), "--allow-image", "0x1234=app"]
+    )
+    assert result.exit_code == 1
+    assert "hash_invalid" in result.output
+
+
+def test_identity_creates_state_and_is_stable(tmp_path: Path) -> None:
+    first = CliRunner().invoke(kms_cli, ["identity", "--state-dir", str(tmp_path / "s")])
+    second = CliRunner().invoke(kms_cli, ["identity", "--state-dir", str(tmp_path / "s")])
+    assert first.exit_code == 0 and first.output.startswith("ed25519:")
+    assert first.output == second.output
+    assert oct((tmp_path / "s").stat().st_mode & 0o777) == "0o700"
