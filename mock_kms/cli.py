@@ -407,13 +407,21 @@ def serve(
     logger.warning("mock-kms serving on %s, identity %s", where, state.identity_text)
     if allow_debug:
         logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
-    signal.signal(signal.SIGTERM, lambda *_: server.close())
+    # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
+    # handler would pull them from under the select() that run() is blocked in.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
-        server.run()
+        server.run()  # returns (waitress swallows the interrupt) or raises it
     except KeyboardInterrupt:
         pass
     finally:
+        logger.warning("mock-kms stopping")
+        server.close()
         audit.close()
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _make_allowlist(

@@ -391,3 +391,13 @@ def test_answer_tampered_by_the_host_gives_exit_6(shared: tuple[Setup, Kms]) -> 
     assert proxy.tampered >= 1
     assert result.returncode == 6
     assert result.stdout == b""
+
+
+def test_sigterm_stops_the_kms_cleanly(setup: Setup) -> None:
+    kms = setup.kms().start().wait_listening()
+    assert kms.proc is not None
+    kms.proc.send_signal(signal.SIGTERM)
+    assert kms.proc.wait(10) == 0
+    log = setup.kms_log.read_text()
+    assert "Traceback" not in log
+    assert "mock-kms stopping" in log
