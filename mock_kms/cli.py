@@ -20,12 +20,15 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError
+
+if TYPE_CHECKING:
+    from mock_kms.verifier import AttestationVerifier
 
 EXIT_OK = 0
 EXIT_INVALID = 1
@@ -164,22 +167,10 @@ def verify_attestation(
     Exit codes: 0 valid, 1 invalid (JSON {"error": CODE, "message": ...} with --json),
     2 usage error.
     """
-    from mock_kms.roots import load_pem_roots
-    from mock_kms.verifier import AttestationPolicy, AttestationVerifier
-
     when = at or datetime.datetime.now(datetime.UTC)
     try:
         raw = _read_input(file)
-        extra = [cert for path in roots for cert in load_pem_roots(path)]
-        policy = AttestationPolicy(
-            max_age=datetime.timedelta(seconds=max_age), allow_debug=allow_debug
-        )
-        if no_aws_root:
-            if not extra:
-                raise click.UsageError("--no-aws-root needs at least one --root")
-            verifier = AttestationVerifier(trusted_roots=extra, policy=policy)
-        else:
-            verifier = AttestationVerifier.aws(policy=policy, extra_roots=extra)
+        verifier = _make_verifier(roots, "--root", no_aws_root, max_age, allow_debug)
         verified = verifier.verify(decode_document_input(raw), at=when)
     except KmsError as e:
         if as_json:
@@ -365,27 +356,16 @@ def serve(
       mock-kms serve --trust-root /tmp/sim/root.pem \\
           --allow-image "$(jq -r .os_image_hash /tmp/sim/enclave.json)=my-app"
     """
-    from mock_kms.roots import load_pem_roots
     from mock_kms.server import KmsApp, ServerSettings, create_server
     from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
     from mock_kms.state import KmsState
-    from mock_kms.verifier import AttestationPolicy, AttestationVerifier
 
     try:
         state = KmsState.load_or_create(state_dir)
         allowlist = _make_allowlist(
             rpc_url, contract, chain_id, confirmations, revocation_delay, rpc_timeout, allow_images
         )
-        extra = [cert for path in trust_roots for cert in load_pem_roots(path)]
-        policy = AttestationPolicy(
-            max_age=datetime.timedelta(seconds=max_age), allow_debug=allow_debug
-        )
-        if no_aws_root:
-            if not extra:
-                raise click.UsageError("--no-aws-root needs at least one --trust-root")
-            verifier = AttestationVerifier(trusted_roots=extra, policy=policy)
-        else:
-            verifier = AttestationVerifier.aws(policy=policy, extra_roots=extra)
+        verifier = _make_verifier(trust_roots, "--trust-root", no_aws_root, max_age, allow_debug)
         audit = AuditLog(audit_log)
     except OSError as e:
         click.echo(f"mock-kms: cannot open the audit log: {e.strerror}", err=True)
@@ -422,6 +402,26 @@ def serve(
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _make_verifier(
+    root_files: Sequence[Path],
+    option: str,
+    no_aws_root: bool,
+    max_age: float,
+    allow_debug: bool,
+) -> AttestationVerifier:
+    """The AWS root (unless --no-aws-root) and the roots of ``root_files``."""
+    from mock_kms.roots import load_pem_roots
+    from mock_kms.verifier import AttestationPolicy, AttestationVerifier
+
+    extra = [cert for path in root_files for cert in load_pem_roots(path)]
+    policy = AttestationPolicy(max_age=datetime.timedelta(seconds=max_age), allow_debug=allow_debug)
+    if not no_aws_root:
+        return AttestationVerifier.aws(policy=policy, extra_roots=extra)
+    if not extra:
+        raise click.UsageError(f"--no-aws-root needs at least one {option}")
+    return AttestationVerifier(trusted_roots=extra, policy=policy)
 
 
 def _make_allowlist(
