@@ -173,10 +173,20 @@ class StatusCache:
         self._hits = 0
         self._misses = 0
 
-    def now(self) -> float:
-        return self._clock()
+    def read_through(
+        self, image_hash: bytes, read: Callable[[bytes], ImageStatus]
+    ) -> ImageStatus:
+        """The cached status of ``image_hash`` if it is fresh enough, else ``read`` it (the
+        chain) and keep the answer, stamped with the time the read started."""
+        now = self._clock()
+        cached = self._get(image_hash, now)
+        if cached is not None:
+            return cached
+        status = read(image_hash)
+        self._put(image_hash, status, now)
+        return status
 
-    def get(self, image_hash: bytes, now: float) -> ImageStatus | None:
+    def _get(self, image_hash: bytes, now: float) -> ImageStatus | None:
         with self._lock:
             entry = self._entries.get(image_hash)
             if entry is not None and now - entry[0] < self._settings.max_staleness:
@@ -186,7 +196,7 @@ class StatusCache:
             self._misses += 1
             return None
 
-    def put(self, image_hash: bytes, status: ImageStatus, read_at: float) -> None:
+    def _put(self, image_hash: bytes, status: ImageStatus, read_at: float) -> None:
         if not (self._settings.cache_size and self._settings.max_staleness):
             return
         with self._lock:
@@ -271,21 +281,14 @@ class RpcAllowlist:
         self._checked = True
 
     def lookup(self, image_hash: bytes) -> ImageStatus:
-        image_hash = check_image_hash(image_hash)
-        now = self._cache.now()
-        cached = self._cache.get(image_hash, now)
-        if cached is not None:
-            return cached
-        if not self._checked:
-            self.check_ready()
-        status = self._read(image_hash)
-        self._cache.put(image_hash, status, now)
-        return status
+        return self._cache.read_through(check_image_hash(image_hash), self._read)
 
     def stats(self) -> CacheStats:
         return self._cache.stats()
 
     def _read(self, image_hash: bytes) -> ImageStatus:
+        if not self._checked:
+            self.check_ready()
         block: int | str = "latest"
         if self._settings.confirmations:
             with chain.chain_errors("reading the block number"):
@@ -393,19 +396,15 @@ class EmbeddedAllowlist:
             chain.check_chain(self._w3, self._address, None)
 
     def lookup(self, image_hash: bytes) -> ImageStatus:
-        image_hash = check_image_hash(image_hash)
-        now = self._cache.now()
-        cached = self._cache.get(image_hash, now)
-        if cached is not None:
-            return cached
+        return self._cache.read_through(check_image_hash(image_hash), self._read)
+
+    def _read(self, image_hash: bytes) -> ImageStatus:
         with self._lock:
             # An explicit sender spares the eth-tester provider an eth_accounts round per call.
             allowed, app = chain.read_image_status(
                 self._w3, self._address, image_hash, sender=self._owner
             )
-        status = ImageStatus(allowed=allowed, application=app if allowed else None)
-        self._cache.put(image_hash, status, now)
-        return status
+        return ImageStatus(allowed=allowed, application=app if allowed else None)
 
     def stats(self) -> CacheStats:
         return self._cache.stats()
