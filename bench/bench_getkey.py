@@ -37,133 +37,27 @@ the modules that the command imports lazily.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cryptography
-from cryptography.hazmat.backends.openssl import backend as openssl_backend
+from benchlib import KEYUTIL, PYTHON, LocalKms, environment, percentile
 
 ROOT = Path(__file__).resolve().parent.parent
-VENV_BIN = Path(sys.executable).parent
-PYTHON = str(VENV_BIN / "python")
-KEYUTIL = str(VENV_BIN / "keyutil")
-MOCK_KMS = str(VENV_BIN / "mock-kms")
 KEY_NAME = "app"
 TARGET_MEDIAN_S = 0.5
 TARGET_RSS_MB = 60.0
 TOP_IMPORTS = 8
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "python_executable": PYTHON,
-        "cryptography": cryptography.__version__,
-        "openssl": openssl_backend.openssl_version_text(),
-        "platform": platform.platform(),
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class LocalKms:
-    """A simulator directory, a KMS state directory and one ``mock-kms serve`` on loopback."""
-
-    def __init__(self, work: Path) -> None:
-        self.work = work
-        self.sim_dir = work / "sim"
-        self.state_dir = work / "state"
-        self.log_path = work / "kms.log"
-        info = json.loads(
-            subprocess.run(
-                [KEYUTIL, "sim", "init", str(self.sim_dir), "--json"],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-        )
-        self.os_image_hash: str = info["os_image_hash"]
-        self.identity = subprocess.run(
-            [MOCK_KMS, "identity", "--state-dir", str(self.state_dir)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.exit_code: int | None = None
-
-    def start(self, timeout: float = 60.0) -> None:
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(
-                [
-                    MOCK_KMS,
-                    "serve",
-                    "--port",
-                    str(self.port),
-                    "--state-dir",
-                    str(self.state_dir),
-                    "--trust-root",
-                    str(self.sim_dir / "root.pem"),
-                    "--allow-image",
-                    f"{self.os_image_hash}={KEY_NAME}",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-            )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mock-kms exited early:\n{self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"mock-kms not healthy after {timeout} s:\n{self.log_path.read_text()}")
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.exit_code = self.proc.returncode
-        self.proc = None
-
-    def log_has_traceback(self) -> bool:
-        return "Traceback" in self.log_path.read_text(errors="replace")
 
 
 TIME_BIN = shutil.which("time", path="/usr/bin:/bin")
@@ -221,17 +115,6 @@ def child_environment(mode: str, work: Path) -> dict[str, str]:
         env.pop("PYTHONDONTWRITEBYTECODE", None)
         env["PYTHONPYCACHEPREFIX"] = str(work / "pycache")
     return env
-
-
-def percentile(values: Sequence[float], q: float) -> float:
-    """Linear interpolation between closest ranks (numpy's default)."""
-    data = sorted(values)
-    if len(data) == 1:
-        return data[0]
-    pos = (len(data) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
 def summarize(walls: Sequence[float], rss_kib: Sequence[int]) -> dict[str, Any]:
@@ -301,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-getkey-"))
     env = child_environment(args.bytecode, work)
     out_dir = Path(tempfile.mkdtemp(prefix="bench-getkey-", dir="/dev/shm"))
-    kms = LocalKms(work)
+    kms = LocalKms(work, app=KEY_NAME)
     failures: list[dict[str, Any]] = []
     try:
         kms.start()

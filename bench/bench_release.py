@@ -39,33 +39,27 @@ separately). Ratios (target at least 0.6), each explained in the output.
 from __future__ import annotations
 
 import argparse
-import datetime
-import gc
 import http.client
 import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import cryptography
+from benchlib import LocalKms, Op, environment, p384_key, percentile, run_batch
 from cryptography import x509
-from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
@@ -75,36 +69,12 @@ from keyutil.simulator import SimulatedNSM
 from mock_kms.attestation import AttestationDocument, parse_attestation
 from mock_kms.state import KmsState
 
-VENV_BIN = Path(sys.executable).parent
-KEYUTIL = str(VENV_BIN / "keyutil")
-MOCK_KMS = str(VENV_BIN / "mock-kms")
 APP = "app"
 KEYS = (p.KeyRequest("disk", 32),)
 SUITE = p.SUITE_X25519
 TARGET_RATIO = 0.6
 ES384 = ec.ECDSA(hashes.SHA384())
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-Op = Callable[[], object]
-
-
-def environment() -> dict[str, Any]:
-    return {
-        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-        "nproc": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)),
-        "loadavg_1m": round(os.getloadavg()[0], 2),
-        "python": platform.python_version(),
-        "cryptography": cryptography.__version__,
-        "openssl": openssl_backend.openssl_version_text(),
-        "platform": platform.platform(),
-    }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def cpu_seconds(pid: int) -> float:
@@ -117,95 +87,12 @@ def cpu_seconds(pid: int) -> float:
 # -- The server -----------------------------------------------------------------------------
 
 
-class LocalKms:
-    """A simulator directory, a KMS state directory and one ``mock-kms serve`` on loopback."""
-
-    def __init__(self, work: Path, *, threads: int, audit_log: bool) -> None:
-        self.work = work
-        self.sim_dir = work / "sim"
-        self.state_dir = work / "state"
-        self.log_path = work / "kms.log"
-        self.audit_path = work / "audit.log" if audit_log else None
-        self.threads = threads
-        info = json.loads(
-            subprocess.run(
-                [KEYUTIL, "sim", "init", str(self.sim_dir), "--json"],
-                check=True,
-                capture_output=True,
-                text=True,
-            ).stdout
-        )
-        self.os_image_hash: str = info["os_image_hash"]
-        self.identity = subprocess.run(
-            [MOCK_KMS, "identity", "--state-dir", str(self.state_dir)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip()
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.exit_code: int | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, timeout: float = 60.0) -> None:
-        argv = [
-            MOCK_KMS,
-            "serve",
-            "--port",
-            str(self.port),
-            "--state-dir",
-            str(self.state_dir),
-            "--trust-root",
-            str(self.sim_dir / "root.pem"),
-            "--allow-image",
-            f"{self.os_image_hash}={APP}",
-            "--threads",
-            str(self.threads),
-        ]
-        if self.audit_path is not None:
-            argv += ["--audit-log", str(self.audit_path)]
-        with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"mock-kms exited early:\n{self.log_path.read_text()}")
-            try:
-                with urllib.request.urlopen(self.url + "/v1/health", timeout=2) as r:
-                    if r.status == 200:
-                        return
-            except (urllib.error.URLError, OSError):
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"mock-kms not healthy after {timeout} s:\n{self.log_path.read_text()}")
-
-    def metrics(self) -> dict[str, float]:
-        with urllib.request.urlopen(self.url + "/metrics", timeout=10) as r:
-            return parse_metrics(r.read().decode())
-
-    def stop(self) -> None:
-        if self.proc is None:
-            return
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.exit_code = self.proc.returncode
-        self.proc = None
-
-    def log_has_traceback(self) -> bool:
-        return "Traceback" in self.log_path.read_text(errors="replace")
-
-
 METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
+
+
+def server_metrics(kms: LocalKms) -> dict[str, float]:
+    with urllib.request.urlopen(kms.url + "/metrics", timeout=10) as r:
+        return parse_metrics(r.read().decode())
 
 
 def parse_metrics(text: str) -> dict[str, float]:
@@ -330,16 +217,6 @@ def client_worker(
     conn.close()
 
 
-def percentile(values: Sequence[float], q: float) -> float:
-    data = sorted(values)
-    if not data:
-        return float("nan")
-    pos = (len(data) - 1) * q
-    lo = int(pos)
-    hi = min(lo + 1, len(data) - 1)
-    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
-
-
 def run_load(kms: LocalKms, n: int, seconds: float, warmup: float) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
     begin_at = time.monotonic() + 1.0  # time for the workers to start and load the simulator
@@ -356,12 +233,12 @@ def run_load(kms: LocalKms, n: int, seconds: float, warmup: float) -> dict[str, 
         procs.append(proc)
 
     time.sleep(max(0.0, t_start - time.monotonic()))
-    m0 = kms.metrics()
+    m0 = server_metrics(kms)
     w0 = time.monotonic()
     server_cpu0 = cpu_seconds(kms.pid)
     client_cpu0 = sum(cpu_seconds(pr.pid) for pr in procs if pr.pid is not None)
     time.sleep(max(0.0, t_end - time.monotonic()))
-    m1 = kms.metrics()
+    m1 = server_metrics(kms)
     w1 = time.monotonic()
     server_cpu1 = cpu_seconds(kms.pid)
     client_cpu1 = sum(cpu_seconds(pr.pid) for pr in procs if pr.pid is not None)
@@ -421,13 +298,6 @@ def run_load(kms: LocalKms, n: int, seconds: float, warmup: float) -> dict[str, 
 
 
 # -- The crypto floor -------------------------------------------------------------------------
-
-
-def p384_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
-    key = cert.public_key()
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    assert key.curve.name == "secp384r1"
-    return key
 
 
 def floor_ops(doc: AttestationDocument, state: KmsState) -> dict[str, Op]:
@@ -511,19 +381,6 @@ def floor_ops(doc: AttestationDocument, state: KmsState) -> dict[str, Op]:
         "hpke_seal": hpke_seal,
         "ed25519_sign": ed25519_sign,
     }
-
-
-def run_batch(op: Op, n: int) -> float:
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(n):
-            op()
-        return (time.perf_counter() - start) / n
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 class FloorBench:
@@ -690,7 +547,10 @@ def print_table(report: dict[str, Any]) -> None:
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bench-release-"))
-    kms = LocalKms(work, threads=args.threads, audit_log=args.audit_log)
+    serve_args = ["--threads", str(args.threads)]
+    if args.audit_log:
+        serve_args += ["--audit-log", str(work / "audit.log")]
+    kms = LocalKms(work, app=APP, serve_args=serve_args)
     loads = []
     try:
         kms.start()

@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import datetime
-import gc
 import io
 import json
 import os
@@ -42,11 +41,11 @@ import pstats
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TypedDict
 
 import cryptography
+from benchlib import Op, p384_key, run_batch
 from cryptography import x509
 from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives import hashes
@@ -64,14 +63,6 @@ AT = datetime.datetime.fromtimestamp(TIMESTAMP_MS / 1000, datetime.UTC)
 TARGET_CACHED_RATIO = 0.8
 
 ES384 = ec.ECDSA(hashes.SHA384())
-
-Op = Callable[[], object]
-
-
-def p384_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
-    key = cert.public_key()
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    return key
 
 
 def make_floors(doc: AttestationDocument) -> dict[str, Op]:
@@ -177,20 +168,6 @@ def make_ops(data: bytes) -> dict[str, Op]:
         "leaf_load_key": leaf_load_key,
         "p384_verify": p384_verify,
     }
-
-
-def run_batch(op: Op, n: int) -> float:
-    """Seconds per operation over one batch of ``n`` calls, gc off."""
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        start = time.perf_counter()
-        for _ in range(n):
-            op()
-        return (time.perf_counter() - start) / n
-    finally:
-        if gc_was_enabled:
-            gc.enable()
 
 
 def calibrate(ops: dict[str, Op], batch_seconds: float) -> dict[str, int]:

@@ -1,0 +1,173 @@
+"""What the benchmark scripts share: a local KMS, machine facts, timing helpers.
+
+    >>> from benchlib import LocalKms                                # doctest: +SKIP
+    >>> kms = LocalKms(Path("/tmp/work"), app="app"); kms.start()    # doctest: +SKIP
+
+Imported by path: the scripts run as ``.venv/bin/python bench/NAME.py``, which puts this
+folder first on ``sys.path``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gc
+import json
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import cryptography
+from cryptography import x509
+from cryptography.hazmat.backends.openssl import backend as openssl_backend
+from cryptography.hazmat.primitives.asymmetric import ec
+
+VENV_BIN = Path(sys.executable).parent
+PYTHON = str(VENV_BIN / "python")
+KEYUTIL = str(VENV_BIN / "keyutil")
+MOCK_KMS = str(VENV_BIN / "mock-kms")
+
+Op = Callable[[], object]
+
+
+def environment() -> dict[str, Any]:
+    """The date and the machine, for every report."""
+    return {
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "nproc": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)),
+        "loadavg_1m": round(os.getloadavg()[0], 2),
+        "python": platform.python_version(),
+        "python_executable": PYTHON,
+        "cryptography": cryptography.__version__,
+        "openssl": openssl_backend.openssl_version_text(),
+        "platform": platform.platform(),
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default); NaN when empty."""
+    data = sorted(values)
+    if not data:
+        return float("nan")
+    pos = (len(data) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(data) - 1)
+    return data[lo] + (data[hi] - data[lo]) * (pos - lo)
+
+
+def run_batch(op: Op, n: int) -> float:
+    """Seconds per operation over one batch of ``n`` calls, gc off."""
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        for _ in range(n):
+            op()
+        return (time.perf_counter() - start) / n
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def p384_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    assert key.curve.name == "secp384r1"
+    return key
+
+
+class LocalKms:
+    """A simulator directory, a KMS state directory and one ``mock-kms serve`` on loopback,
+    with the simulator's image registered for ``app`` on the embedded chain."""
+
+    def __init__(self, work: Path, *, app: str, serve_args: Sequence[str] = ()) -> None:
+        self.work = work
+        self.app = app
+        self.serve_args = list(serve_args)
+        self.sim_dir = work / "sim"
+        self.state_dir = work / "state"
+        self.log_path = work / "kms.log"
+        info = json.loads(
+            subprocess.run(
+                [KEYUTIL, "sim", "init", str(self.sim_dir), "--json"],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+        )
+        self.os_image_hash: str = info["os_image_hash"]
+        self.identity = subprocess.run(
+            [MOCK_KMS, "identity", "--state-dir", str(self.state_dir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 60.0) -> None:
+        argv = [
+            MOCK_KMS,
+            "serve",
+            "--port",
+            str(self.port),
+            "--state-dir",
+            str(self.state_dir),
+            "--trust-root",
+            str(self.sim_dir / "root.pem"),
+            "--allow-image",
+            f"{self.os_image_hash}={self.app}",
+            *self.serve_args,
+        ]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"mock-kms exited early:\n{self.log_path.read_text()}")
+            try:
+                with urllib.request.urlopen(self.url + "/v1/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except (urllib.error.URLError, OSError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"mock-kms not healthy after {timeout} s:\n{self.log_path.read_text()}")
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.exit_code = self.proc.returncode
+        self.proc = None
+
+    def log_has_traceback(self) -> bool:
+        return "Traceback" in self.log_path.read_text(errors="replace")
