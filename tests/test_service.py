@@ -538,3 +538,57 @@ def test_damaged_identity_is_refused(tmp_path: Path) -> None:
 
 def test_invalid_error_is_not_retryable() -> None:
     assert not isinstance(InvalidError(ErrorCode.IMAGE_NOT_ALLOWED, "x"), UnavailableError)
+
+
+def test_too_many_outstanding_nonces_is_unavailable(clock: Clock) -> None:
+    from mock_kms.service import NonceBook
+
+    book = NonceBook(b"k" * 32, ReleaseSettings(max_outstanding_nonces=2), clock)
+    book.accept(book.issue()[0])
+    book.accept(book.issue()[0])
+    with pytest.raises(UnavailableError) as err:
+        book.accept(book.issue()[0])
+    assert err.value.code == ErrorCode.OVERLOADED
+    clock.now += 31  # the used ones expire and make room again
+    book.accept(book.issue()[0])
+
+
+def test_nonce_issued_in_the_future_refused(clock: Clock) -> None:
+    from mock_kms.service import NonceBook
+
+    book = NonceBook(b"k" * 32, ReleaseSettings(), clock)
+    clock.now += 120
+    nonce = book.issue()[0]
+    clock.now -= 120
+    with pytest.raises(InvalidError) as err:
+        book.accept(nonce)
+    assert err.value.code == ErrorCode.NONCE_INVALID
+    assert "future" in err.value.message
+
+
+def test_root_secret_of_the_wrong_length_is_refused(tmp_path: Path) -> None:
+    KmsState.load_or_create(tmp_path / "s")
+    (tmp_path / "s" / "root-secret").write_bytes(b"short")
+    with pytest.raises(UnavailableError) as err:
+        KmsState.load_or_create(tmp_path / "s")
+    assert err.value.code == ErrorCode.STATE_INVALID
+    assert "expected 32 bytes; found 5" in err.value.message
+
+
+def test_serve_with_an_audit_log_it_cannot_open_exits_1(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from mock_kms.cli import cli
+
+    result = CliRunner().invoke(
+        cli,
+        [
+            "serve",
+            "--state-dir",
+            str(tmp_path / "s"),
+            "--audit-log",
+            str(tmp_path / "no" / "a.log"),
+        ],
+    )
+    assert result.exit_code == 1
+    assert "cannot open the audit log" in result.output
