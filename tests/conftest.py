@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-pytest_plugins = ["chain_fixtures"]  # anvil, cast and the embedded chain (allowlist tests)
+# anvil, cast and the embedded chain; real `mock-kms serve` and `keyutil` processes
+pytest_plugins = ["chain_fixtures", "e2e_support"]
 
 VECTORS = Path(__file__).parent / "vectors"
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from chain_fixtures import Anvil
 from click.testing import CliRunner
-from test_e2e_release import Setup
+from e2e_support import Setup
 
 from mock_kms.cli import cli as kms_cli
 
