@@ -3,6 +3,7 @@
     $ keyutil sim init /tmp/sim --pcr0 $(printf 'aa%.0s' {1..48})
     $ keyutil attest --nsm simulator --sim-dir /tmp/sim --nonce 00ff --out doc.cose
 
+    $ keyutil net-up
     $ keyutil get-key --kms vsock://3:8000 --kms-pubkey @/etc/kms.pub --out /run/keys/app.key
 
 Results on stdout, logs on stderr. Every option is also an environment variable,
@@ -10,7 +11,8 @@ Results on stdout, logs on stderr. Every option is also an environment variable,
 and ``KEYUTIL_SIM_DIR`` for every command; the KMS is ``KEYUTIL_KMS`` and its identity
 ``KEYUTIL_KMS_PUBKEY``.
 Exit codes are stable: 0 success, 2 usage, 3 KMS unreachable by the deadline, 4 denied by
-the KMS, 5 NSM error, 6 the KMS answer failed authentication, 7 output error.
+the KMS, 5 NSM error, 6 the KMS answer failed authentication, 7 output error, 8 network
+set-up error (net-up).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ EXIT_DENIED = 4
 EXIT_NSM = 5
 EXIT_UNAUTHENTICATED = 6
 EXIT_OUTPUT = 7
+EXIT_NETWORK = 8
 
 
 def _hex(length: int | None = None) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -84,7 +87,7 @@ def cli() -> None:
     \b
     Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
     4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
-    7 output error.
+    7 output error, 8 network set-up error (net-up).
     """
 
 
@@ -477,6 +480,32 @@ def health(
         log.fail(EXIT_UNAVAILABLE, "not_ready", code=e.code, message=e.message)
         return
     click.echo(json.dumps(body))
+
+
+@cli.command("net-up")
+@log_format_option
+def net_up(log_format: str) -> None:
+    """Give the enclave a working loopback: lo up, with 127.0.0.1/8 assigned.
+
+    \b
+    A Nitro Enclave starts with lo down and without 127.0.0.1. This sets both through the
+    kernel's interface ioctls (no 'ip' or 'ifconfig' needed), checks that a TCP connection
+    to 127.0.0.1 works, and logs what it found and did (interface, address, was_up, now_up,
+    address_added). Running it again changes nothing. Needs CAP_NET_ADMIN (root in the
+    enclave) when something has to change.
+    \b
+    Exit codes: 0 the loopback works, 8 network set-up error (the code is logged:
+    permission_denied, no_such_interface, address_conflict, verify_failed, ...).
+    """
+    from keyutil.netup import NetUpError, loopback_up
+
+    log = EventLog(log_format, 0)
+    try:
+        report = loopback_up()
+    except NetUpError as e:
+        log.fail(EXIT_NETWORK, "net_up_failed", code=e.code, message=e.message)
+        return
+    log("info", "net_up", report.to_json())
 
 
 def main(argv: Sequence[str] | None = None) -> None:
