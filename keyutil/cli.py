@@ -482,6 +482,134 @@ def health(
     click.echo(json.dumps(body))
 
 
+@cli.command()
+@click.option(
+    "--listen",
+    required=True,
+    metavar="URL",
+    help="Where the enclave connects: vsock://:PORT (any CID), vsock://CID:PORT, "
+    "unix:///PATH or tcp://IP:PORT (IPv6 as tcp://[::1]:PORT).",
+)
+@click.option(
+    "--to",
+    "destination",
+    required=True,
+    metavar="HOST:PORT",
+    envvar="KEYUTIL_PROXY_TO",
+    help="The one TCP destination, HOST:PORT (a name or an IP; IPv6 as [ADDR]:PORT). "
+    "A name is resolved afresh for every connection.",
+)
+@click.option(
+    "--allow",
+    multiple=True,
+    metavar="HOST:PORT",
+    help="An allowed destination; repeat for several.",
+)
+@click.option(
+    "--allowlist",
+    "allowlist_file",
+    envvar="KEYUTIL_PROXY_ALLOWLIST",
+    type=click.Path(dir_okay=False),
+    help="Allowed destinations in the AWS vsock-proxy format (YAML: allowlist: "
+    "[{address: HOST, port: PORT}, ...]); needs PyYAML (the [proxy] extra).",
+)
+@click.option(
+    "--max-connections",
+    type=click.IntRange(min=1),
+    default=64,
+    help="Open connections at most; one more is accepted and closed at once.",
+)
+@click.option(
+    "--idle-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=60.0,
+    help="Close a connection after this many seconds without a byte either way.",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=5.0,
+    help="Seconds to resolve and reach the destination; then the client is closed.",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    default=5.0,
+    help="On SIGTERM/SIGINT, seconds open connections get to finish before they are closed.",
+)
+@log_format_option
+def proxy(
+    listen: str,
+    destination: str,
+    allow: tuple[str, ...],
+    allowlist_file: str | None,
+    max_connections: int,
+    idle_timeout: float,
+    connect_timeout: float,
+    grace: float,
+    log_format: str,
+) -> None:
+    """Forward connections from the enclave (vsock) to the KMS over TCP, on the parent instance.
+
+    \b
+    Bytes only: the keys cross this host sealed to the enclave and the KMS's answer is
+    signed, so the proxy never needs, and never logs, what it carries.
+    \b
+    The destination must be on the allowlist (--allow and --allowlist together); with
+    neither, the allowlist is the destination itself, as typed. Names and addresses are
+    compared as written, not resolved. A destination outside it is refused at start
+    (exit 2, nothing listens), and checked again for every connection.
+    \b
+    One log line per connection (event "connection"): peer, destination, dest_address,
+    bytes_to_dest, bytes_to_client, duration_s and end: client_closed, dest_closed,
+    idle_timeout, over_limit, destination_unreachable, refused, shutdown or error.
+    \b
+    Exit codes: 0 stopped by SIGTERM/SIGINT, 2 usage or configuration (refused
+    destination, bad allowlist), 3 cannot listen (address in use, no vsock here).
+    """
+    from keyutil import proxy as p
+
+    log = EventLog(log_format, 0)
+    try:
+        listen_at = p.parse_listen(listen)
+    except p.ProxyConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--listen") from None
+    try:
+        to = p.parse_hostport(destination)
+    except p.ProxyConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--to") from None
+    try:
+        allowlist = p.build_allowlist(to, allow, allowlist_file)
+    except p.ProxyConfigError as e:
+        log.fail(EXIT_USAGE, "allowlist_invalid", message=str(e))
+        return
+    try:
+        allowlist.check(to)
+    except p.Refused as e:
+        log.fail(EXIT_USAGE, "refused", destination=str(to), reason=str(e))
+        return
+    config = p.ProxyConfig(
+        listen=listen_at,
+        to=to,
+        allowlist=allowlist,
+        max_connections=max_connections,
+        idle_timeout=idle_timeout,
+        connect_timeout=connect_timeout,
+        grace=grace,
+    )
+    server = p.Proxy(config, log)
+    try:
+        server.open()
+    except p.ListenError as e:
+        log.fail(EXIT_UNAVAILABLE, "listen_failed", listen=str(listen_at), message=str(e))
+        return
+    import signal
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: server.stop())
+    server.serve()
+
+
 @cli.command("net-up")
 @log_format_option
 def net_up(log_format: str) -> None:

@@ -15,6 +15,17 @@ fi
 if [ -f package.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
+# socat: the other real vsock/unix-to-TCP proxy, a peer in the end-to-end proxy tests.
+if ! command -v socat >/dev/null 2>&1; then
+  if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "== installing socat"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat >/dev/null
+  else
+    echo "scripts/test.sh: socat is missing and cannot be installed here (needs root and" \
+      "apt-get); install the socat package, or its end-to-end tests fail" >&2
+  fi
+fi
 
 echo "== ruff"
 .venv/bin/ruff check .

@@ -13,9 +13,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,97 @@ def identity_of(state: Path) -> str:
         [MOCK_KMS, "identity", "--state-dir", str(state)], check=True, capture_output=True
     )
     return out.stdout.decode().strip()
+
+
+class LoopbackServer:
+    """A TCP server on loopback that runs ``handle(conn)`` for each connection in a thread,
+    closing the connection after; ``errors`` keeps what the handlers raised."""
+
+    def __init__(
+        self, handle: Callable[[socket.socket], None], host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.handle = handle
+        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        try:
+            self.listener.bind((host, port))
+            self.listener.listen(16)
+        except OSError:
+            self.listener.close()
+            raise
+        self.port = int(self.listener.getsockname()[1])
+        self.accepted = 0
+        self.errors: list[BaseException] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted += 1
+            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
+
+    def _run(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                self.handle(conn)
+            except Exception as e:
+                self.errors.append(e)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def wait_unix_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 20) -> None:
+    """Until ``proc`` accepts on the unix socket ``path``; fails early if it exits."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise AssertionError(f"{proc.args!r} exited {proc.returncode} before listening")
+        try:
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(path))
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise AssertionError(f"{proc.args!r} did not listen on {path}")
+
+
+class ProxyProcess:
+    """A `keyutil proxy` process; its stderr (the log lines) is kept for the test."""
+
+    def __init__(self, *args: str, env: dict[str, str] | None = None) -> None:
+        self.proc = subprocess.Popen(
+            [KEYUTIL, "proxy", *args],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
+        )
+
+    def wait_listening(self, path: Path) -> ProxyProcess:
+        try:
+            wait_unix_socket(path, self.proc)
+        except AssertionError:
+            self.stop()
+            raise
+        return self
+
+    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str]:
+        """(exit code, stderr) after ``signum``."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signum)
+        try:
+            _, err = self.proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            _, err = self.proc.communicate()
+        return self.proc.returncode, err.decode()
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON log lines (``--log-format json``) of a process's stderr."""
+    return [json.loads(line) for line in text.splitlines()]
 
 
 class Kms:

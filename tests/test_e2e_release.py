@@ -16,6 +16,7 @@ import pytest
 from e2e_support import (
     KEYUTIL,
     Kms,
+    LoopbackServer,
     Setup,
     assert_key_absent,
     free_port,
@@ -190,21 +191,12 @@ class TamperingProxy:
 
     def __init__(self, target_port: int) -> None:
         self.target = target_port
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
         self.tampered = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+        self.server = LoopbackServer(self._handle)
+        self.port = self.server.port
 
     def _handle(self, client: socket.socket) -> None:
-        with client, socket.create_connection(("127.0.0.1", self.target)) as upstream:
+        with socket.create_connection(("127.0.0.1", self.target)) as upstream:
             request = self._read_message(client)
             upstream.sendall(request)
             response = self._read_message(upstream)
@@ -235,7 +227,7 @@ class TamperingProxy:
         return head + b"\r\n\r\n" + body
 
     def close(self) -> None:
-        self.listener.close()
+        self.server.close()
 
 
 def test_answer_tampered_by_the_host_gives_exit_6(shared: tuple[Setup, Kms]) -> None:
