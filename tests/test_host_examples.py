@@ -343,3 +343,39 @@ def test_image_settings_are_ones_the_entrypoint_reads() -> None:
 def test_entrypoint_and_scripts_are_executable() -> None:
     for script in (EXAMPLES / "enclave" / "entrypoint.sh", RUN_SH, PROXY_SH):
         assert os.access(script, os.X_OK), script
+
+
+# -- proxy.sh with the real `keyutil proxy` and the example allowlist ------------------------
+
+REAL_KEYUTIL_BIN = Path(sys.executable).parent
+
+
+def real_proxy(port: int, **env: str) -> subprocess.Popen[str]:
+    settings = {**proxy_env(), "VSOCK_PORT": str(port), **env}
+    settings["ALLOWLIST"] = str(EXAMPLES / "host" / "vsock-proxy.yaml")
+    return subprocess.Popen(
+        [str(PROXY_SH), "keyutil"],
+        env={"PATH": f"{REAL_KEYUTIL_BIN}:/usr/bin:/bin", **settings},
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def test_real_keyutil_proxy_takes_proxy_sh_options_and_the_example_allowlist() -> None:
+    port = 20000 + os.getpid() % 20000
+    proc = real_proxy(port)
+    assert proc.stderr is not None
+    first = proc.stderr.readline()
+    if "AF_VSOCK" in first:  # no vsock driver: the options were still accepted (not exit 2)
+        assert proc.wait(30) == 3, first
+        return
+    assert "listening" in first and f"vsock://:{port}" in first, first
+    proc.send_signal(2)
+    assert proc.wait(30) == 0
+
+
+def test_real_keyutil_proxy_refuses_a_kms_port_the_example_allowlist_does_not_list() -> None:
+    proc = real_proxy(20000 + os.getpid() % 20000, KMS_PORT="8421")
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 2
+    assert "refused" in err and "127.0.0.1:8421" in err
