@@ -397,7 +397,6 @@ def serve(
     finally:
         logger.warning("mock-kms stopping")
         server.close()
-        audit.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:

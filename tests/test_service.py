@@ -6,6 +6,7 @@ import base64
 import datetime
 import io
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -508,6 +509,37 @@ def test_release_refused_when_the_audit_log_cannot_be_written(
     )
     assert status.startswith("503") and payload["error"] == "audit_unavailable"
     assert "sealed" not in json.dumps(payload)
+
+
+def test_audit_log_with_a_torn_last_line_is_ended_before_new_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    whole = b'{"code":null,"outcome":"released","time":"2026-05-01T12:00:00Z"}\n'
+    torn = b'{"code":null,"outcome":"rel'  # the machine lost power in the middle of a line
+    path.write_bytes(whole + torn)
+    with caplog.at_level(logging.WARNING, logger="mock_kms.service"):
+        audit = AuditLog(path)
+    assert "the last line is incomplete" in caplog.text
+    assert path.read_bytes() == whole + torn + b"\n"
+    audit.record({"outcome": "released", "code": None})
+    lines = path.read_bytes().splitlines()
+    assert lines[0] == whole.rstrip() and lines[1] == torn
+    assert json.loads(lines[2]) == {"outcome": "released", "code": None}
+
+
+def test_audit_log_torn_while_running_is_ended_before_the_next_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path)
+    audit.record({"n": 1})
+    with path.open("ab") as f:  # a writer that died mid-line (or a truncation that failed)
+        f.write(b'{"n":')
+    with caplog.at_level(logging.WARNING, logger="mock_kms.service"):
+        audit.record({"n": 2})
+    assert "the last line is incomplete" in caplog.text
+    assert path.read_bytes() == b'{"n":1}\n{"n":\n{"n":2}\n'
 
 
 def test_state_directory_modes_and_reuse(tmp_path: Path) -> None:
