@@ -198,6 +198,13 @@ class Timings:
     chain_read: float = 0.0
 
 
+@dataclasses.dataclass
+class _PendingRecord:
+    line: bytes
+    done: bool = False
+    error: OSError | None = None
+
+
 class AuditLog:
     """One JSON line per decision, durable before the decision is answered; never key material.
 
@@ -205,14 +212,20 @@ class AuditLog:
     (``audit_unavailable``) when the line cannot be written and fsynced: disk full, a
     read-only file system, an I/O error.
 
-    Every record opens the file (``O_APPEND``), writes its line with one ``write``, fsyncs and
-    closes it. Keeping no descriptor open between records means that a file system can be
-    remounted read-only while the KMS runs (Linux refuses to while a file on it is open for
-    writing) and that a rotated log (renamed away) is followed by a new file at ``path``.
-    Lines stay whole:
+    Group commit: the fsync is what costs, and one at a time it would serialize every
+    release behind the disk. A thread that finds no write in progress becomes the writer: it
+    takes every line queued so far (its own included), writes them with one ``write``, fsyncs
+    once, and hands each waiting thread its outcome. Lines that arrive meanwhile queue for the
+    next batch. :meth:`record` returns only once its own line is durable, and raises if that
+    batch failed: every release in it is refused.
+
+    Every batch opens the file (``O_APPEND``), writes, fsyncs and closes it. Keeping no
+    descriptor open between batches means that a file system can be remounted read-only while
+    the KMS runs (Linux refuses to while a file on it is open for writing) and that a rotated
+    log (renamed away) is followed by a new file at ``path``. Lines stay whole:
 
     - a write that fails part way (a full disk takes what fits) is cut off again with
-      ``ftruncate`` to the length the file had, so a refused record leaves nothing behind;
+      ``ftruncate`` to the length the file had, so a refused batch leaves nothing behind;
     - a file that does not end in a newline (the machine crashed in the middle of a line, or
       a truncation failed) gets one before the next record, and the KMS logs that it did, so
       the torn line stays one unparsable line and every later record is a whole line.
@@ -220,7 +233,9 @@ class AuditLog:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._lock = threading.Lock()
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_PendingRecord] = []
+        self._writing = False
         if path is not None:
             # At start: fail now if the file cannot be opened, and end a torn last line.
             fd = self._open(path)
@@ -250,15 +265,41 @@ class AuditLog:
     def record(self, entry: Mapping[str, Any]) -> None:
         if self.path is None:
             return
-        line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            try:
-                self._append(self.path, line)
-            except OSError as e:
-                raise UnavailableError(
-                    ErrorCode.AUDIT_UNAVAILABLE,
-                    f"the audit log cannot be written ({e.strerror or e}); releases are refused",
-                ) from None
+        pending = _PendingRecord(
+            (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        )
+        with self._cond:
+            self._queue.append(pending)
+            while not pending.done:
+                if self._writing:
+                    self._cond.wait()
+                else:
+                    self._write_queue(self.path)
+        if pending.error is not None:
+            raise UnavailableError(
+                ErrorCode.AUDIT_UNAVAILABLE,
+                f"the audit log cannot be written ({pending.error.strerror or pending.error}); "
+                "releases are refused",
+            )
+
+    def _write_queue(self, path: Path) -> None:
+        """Write and fsync every queued line as one batch; called and returns with the lock
+        held, which it drops while it writes."""
+        batch, self._queue = self._queue, []
+        self._writing = True
+        error: OSError | None = OSError(errno.EIO, "the audit writer failed")
+        self._cond.release()
+        try:
+            self._append(path, b"".join(p.line for p in batch))
+            error = None
+        except OSError as e:
+            error = e
+        finally:
+            self._cond.acquire()
+            self._writing = False
+            for p in batch:
+                p.error, p.done = error, True
+            self._cond.notify_all()
 
     def _append(self, path: Path, data: bytes) -> None:
         fd = self._open(path)
@@ -272,7 +313,7 @@ class AuditLog:
                     raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # took what fitted
                 os.fsync(fd)
             except OSError:
-                # Take back whatever part of the line got in: a refused record leaves nothing.
+                # Take back whatever part of the batch got in: a refused record leaves nothing.
                 with contextlib.suppress(OSError):
                     os.ftruncate(fd, size)
                 raise

@@ -7,6 +7,9 @@ import datetime
 import io
 import json
 import logging
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -540,6 +543,55 @@ def test_audit_log_torn_while_running_is_ended_before_the_next_record(
         audit.record({"n": 2})
     assert "the last line is incomplete" in caplog.text
     assert path.read_bytes() == b'{"n":1}\n{"n":\n{"n":2}\n'
+
+
+def record_concurrently(audit: AuditLog, n: int) -> list[BaseException | None]:
+    """``n`` threads record one line each, released at once; what each record() raised."""
+    barrier = threading.Barrier(n)
+    outcomes: list[BaseException | None] = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            audit.record({"n": i})
+        except BaseException as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_audit_log_group_commit_writes_concurrent_records_with_fewer_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # a disk that takes its time, as real ones do
+        fsyncs.append(fd)
+        time.sleep(0.05)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    assert record_concurrently(audit, 8) == [None] * 8
+    assert sorted(json.loads(line)["n"] for line in path.read_bytes().splitlines()) == list(
+        range(8)
+    )
+    assert 1 < len(fsyncs) < 8  # the first alone, the others batched behind it
+
+
+def test_audit_log_failed_batch_refuses_every_record_in_it() -> None:
+    outcomes = record_concurrently(AuditLog(Path("/dev/full")), 6)
+    assert all(isinstance(e, UnavailableError) for e in outcomes)
+    assert {e.code for e in outcomes if isinstance(e, UnavailableError)} == {
+        ErrorCode.AUDIT_UNAVAILABLE
+    }
 
 
 def test_state_directory_modes_and_reuse(tmp_path: Path) -> None:
