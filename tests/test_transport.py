@@ -188,6 +188,33 @@ def test_garbage_is_a_bad_response() -> None:
         assert info.value.code in ("bad_response", "unreachable")
 
 
+@pytest.mark.parametrize("status", [200, 403])
+def test_response_cut_short_is_a_bad_response_not_an_answer(status: int) -> None:
+    # A KMS killed (or a host hanging up) in the middle of the body: neither a truncated
+    # answer nor a truncated denial may be taken for what the KMS said.
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+
+        def cut() -> None:
+            conn, _ = s.accept()
+            with conn:
+                request = b""
+                while not request.endswith(b"\r\n\r\n{}"):  # all of it: no reset on close
+                    request += conn.recv(65536)
+                conn.sendall(
+                    f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n".encode()
+                    + b'Content-Length: 100\r\n\r\n{"error":"image_not_allowed"}'
+                )
+
+        threading.Thread(target=cut, daemon=True).start()
+        with pytest.raises(TransportError) as info:
+            HttpTransport.from_url(f"http://127.0.0.1:{s.getsockname()[1]}").request(
+                "POST", "/v1/release", {}, timeout=5
+            )
+        assert info.value.code == "bad_response" and "cut short at 29 of 100" in str(info.value)
+
+
 def test_no_time_left_means_no_request() -> None:
     with pytest.raises(TransportError):
         HttpTransport.from_url("http://127.0.0.1:1").request("GET", "/", timeout=0)
