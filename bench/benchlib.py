@@ -91,14 +91,29 @@ def p384_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
     return key
 
 
+def proc_memory_kib(pid: int) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (the resident peak so far) of a live process, in KiB."""
+    values = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            name, _, rest = line.partition(":")
+            if name in ("VmRSS", "VmHWM"):
+                values[name] = int(rest.split()[0])  # "  12345 kB"
+    return values
+
+
 class LocalKms:
     """A simulator directory, a KMS state directory and one ``mock-kms serve`` on loopback,
-    with the simulator's image registered for ``app`` on the embedded chain."""
+    with the simulator's image registered for ``app`` on the embedded chain (with
+    ``embedded=False`` nothing is registered: ``serve_args`` name an external chain)."""
 
-    def __init__(self, work: Path, *, app: str, serve_args: Sequence[str] = ()) -> None:
+    def __init__(
+        self, work: Path, *, app: str, serve_args: Sequence[str] = (), embedded: bool = True
+    ) -> None:
         self.work = work
         self.app = app
         self.serve_args = list(serve_args)
+        self.embedded = embedded
         self.sim_dir = work / "sim"
         self.state_dir = work / "state"
         self.log_path = work / "kms.log"
@@ -137,8 +152,7 @@ class LocalKms:
             str(self.state_dir),
             "--trust-root",
             str(self.sim_dir / "root.pem"),
-            "--allow-image",
-            f"{self.os_image_hash}={self.app}",
+            *(["--allow-image", f"{self.os_image_hash}={self.app}"] if self.embedded else []),
             *self.serve_args,
         ]
         with open(self.log_path, "wb") as log:

@@ -429,10 +429,16 @@ def exchange(
     time_left_s: float,
     policy: RetryPolicy = RetryPolicy(),
     attempt: int = 1,
+    check_health: bool = True,
 ) -> Release:
-    """One attempt of the whole exchange, from the health check to the opened keys."""
+    """One attempt of the whole exchange, from the health check to the opened keys.
+
+    ``check_health=False`` starts at the challenge: for callers that must see how
+    ``/v1/release`` itself answers (a KMS that turns unhealthy answers 503 there too).
+    """
     deadline = _Clock(clock, time_left_s)
-    parse_health(_call(transport, "GET", "/v1/health", None, clock=deadline, policy=policy))
+    if check_health:
+        parse_health(_call(transport, "GET", "/v1/health", None, clock=deadline, policy=policy))
     challenge = parse_challenge(
         _call(transport, "POST", "/v1/challenge", None, clock=deadline, policy=policy)
     )

@@ -294,6 +294,12 @@ class HttpTransport:
                 raise TransportError(
                     "bad_response", f"{where}: response exceeds {self.max_response_bytes} bytes"
                 )
+            # read(n) returns what came before the peer hung up without complaining: a body
+            # shorter than its Content-Length is a cut connection, not an answer.
+            if length is not None and length.isdigit() and len(data) < int(length):
+                raise TransportError(
+                    "bad_response", f"{where}: response cut short at {len(data)} of {length} bytes"
+                )
         except TransportError:
             raise
         except TimeoutError:

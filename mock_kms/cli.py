@@ -322,6 +322,20 @@ def identity(state_dir: Path) -> None:
     envvar="MOCK_KMS_THREADS",
     help="Worker threads.",
 )
+@click.option(
+    "--idle-timeout",
+    type=click.IntRange(1, 3600),
+    default=30,
+    envvar="MOCK_KMS_IDLE_TIMEOUT",
+    help="Close a connection after this many seconds without a byte either way.",
+)
+@click.option(
+    "--request-timeout",
+    type=click.FloatRange(0.1, 600),
+    default=10.0,
+    envvar="MOCK_KMS_REQUEST_TIMEOUT",
+    help="Close a connection whose request is not whole this many seconds after its first byte.",
+)
 def serve(
     host: str,
     port: int,
@@ -341,6 +355,8 @@ def serve(
     nonce_lifetime: float,
     audit_log: Path | None,
     threads: int,
+    idle_timeout: int,
+    request_timeout: float,
 ) -> None:
     """Serve attested key release over HTTP (loopback by default).
 
@@ -380,7 +396,14 @@ def serve(
         settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
         audit=audit,
     )
-    settings = ServerSettings(host=host, port=port, unix_socket=unix_socket, threads=threads)
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        unix_socket=unix_socket,
+        threads=threads,
+        channel_timeout=idle_timeout,
+        request_timeout=request_timeout,
+    )
     server = create_server(KmsApp(service, max_body=settings.max_body), settings)
     where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{server.effective_port}"
     logger = logging.getLogger("mock_kms")
@@ -397,7 +420,6 @@ def serve(
     finally:
         logger.warning("mock-kms stopping")
         server.close()
-        audit.close()
 
 
 def _interrupt(signum: int, frame: object) -> None:

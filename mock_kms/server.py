@@ -14,8 +14,10 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 ``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms
 =========================  ===================================================================
 
-waitress is concurrent (a thread pool), bounds the request body and header sizes, closes idle
-or trickling connections after ``channel_timeout`` and caps open connections.
+waitress is concurrent (a thread pool), bounds the request body and header sizes and caps
+open connections. Two clocks close connections: ``channel_timeout`` (idle: no byte in either
+direction for that long) and ``request_timeout`` (a request, from its first byte, must arrive
+whole within it), so a client that trickles a byte now and then cannot keep a connection.
 """
 
 from __future__ import annotations
@@ -48,9 +50,15 @@ class ServerSettings:
     unix_socket: str | None = None
     threads: int = 8
     max_body: int = 64 * 1024
-    # Seconds a connection may sit idle (or trickle) before it is closed.
+    # Seconds a connection may sit idle (nothing sent or received) before it is closed.
     channel_timeout: int = 30
+    # Seconds from a request's first byte to its last; a slower request loses its connection.
+    request_timeout: float = 10.0
     connection_limit: int = 200
+
+    def __post_init__(self) -> None:
+        if self.channel_timeout < 1 or self.request_timeout <= 0:
+            raise ValueError("the idle and request timeouts are positive (idle: whole seconds)")
 
 
 class Metrics:
@@ -233,8 +241,49 @@ class KmsApp:
         self.metrics.release_latency.observe(time.perf_counter() - started)
 
 
+def request_deadline_channel(request_timeout: float) -> type:
+    """waitress's connection class, closing a connection whose request is still incomplete
+    ``request_timeout`` seconds after its first byte.
+
+    waitress's own ``channel_timeout`` counts idle time only: a client that sends one byte
+    every few seconds is never idle and would hold its connection (one of
+    ``connection_limit``) for as long as it likes. The server loop asks every connection
+    ``readable()`` at least once a second, which is where the deadline is checked.
+    """
+    from waitress.channel import HTTPChannel
+
+    class RequestDeadlineChannel(HTTPChannel):  # type: ignore[misc]
+        _partial: Any = None  # the request being received, or None between requests
+        _partial_since = 0.0
+        will_close: bool  # waitress's flag: close once the output is flushed
+
+        def received(self, data: bytes) -> bool:
+            result = bool(super().received(data))
+            if self.request is not self._partial:
+                self._partial = self.request
+                self._partial_since = time.monotonic()
+            return result
+
+        def readable(self) -> bool:
+            if (
+                self._partial is not None
+                and not self.will_close
+                and time.monotonic() - self._partial_since > request_timeout
+            ):
+                logger.info(
+                    "closing a connection from %s: its request did not arrive within %g s",
+                    self.addr,
+                    request_timeout,
+                )
+                self.will_close = True
+            return bool(super().readable())
+
+    return RequestDeadlineChannel
+
+
 def create_server(app: KmsApp, settings: ServerSettings) -> Any:
     """A waitress server bound and listening (not yet serving); ``.run()`` serves."""
+    from waitress.server import BaseWSGIServer
     from waitress.server import create_server as waitress_server
 
     options: dict[str, Any] = {
@@ -242,6 +291,8 @@ def create_server(app: KmsApp, settings: ServerSettings) -> Any:
         "max_request_body_size": settings.max_body,
         "max_request_header_size": 16 * 1024,
         "channel_timeout": settings.channel_timeout,
+        # How often idle connections are looked for (waitress's default is every 30 s).
+        "cleanup_interval": 1,
         "connection_limit": settings.connection_limit,
         "ident": "mock-kms",
         "clear_untrusted_proxy_headers": True,
@@ -252,4 +303,11 @@ def create_server(app: KmsApp, settings: ServerSettings) -> Any:
     else:
         options["host"] = settings.host
         options["port"] = settings.port
-    return waitress_server(app, **options)
+    socket_map: dict[int, Any] = {}
+    server = waitress_server(app, map=socket_map, **options)
+    # waitress takes no connection class as an option: set it on each listening socket.
+    channel = request_deadline_channel(settings.request_timeout)
+    for dispatcher in socket_map.values():
+        if isinstance(dispatcher, BaseWSGIServer):
+            dispatcher.channel_class = channel
+    return server

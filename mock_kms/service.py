@@ -23,8 +23,10 @@ from __future__ import annotations
 
 import base64
 import collections
+import contextlib
 import dataclasses
 import datetime
+import errno
 import hashlib
 import hmac
 import json
@@ -196,39 +198,127 @@ class Timings:
     chain_read: float = 0.0
 
 
-class AuditLog:
-    """One JSON line per decision, appended with a single write; never key material.
+@dataclasses.dataclass
+class _PendingRecord:
+    line: bytes
+    done: bool = False
+    error: OSError | None = None
 
-    A release that cannot be recorded is refused: :meth:`record` raises UnavailableError.
+
+class AuditLog:
+    """One JSON line per decision, durable before the decision is answered; never key material.
+
+    A release that cannot be recorded is refused: :meth:`record` raises UnavailableError
+    (``audit_unavailable``) when the line cannot be written and fsynced: disk full, a
+    read-only file system, an I/O error.
+
+    Group commit: the fsync is what costs, and one at a time it would serialize every
+    release behind the disk. A thread that finds no write in progress becomes the writer: it
+    takes every line queued so far (its own included), writes them with one ``write``, fsyncs
+    once, and hands each waiting thread its outcome. Lines that arrive meanwhile queue for the
+    next batch. :meth:`record` returns only once its own line is durable, and raises if that
+    batch failed: every release in it is refused.
+
+    Every batch opens the file (``O_APPEND``), writes, fsyncs and closes it. Keeping no
+    descriptor open between batches means that a file system can be remounted read-only while
+    the KMS runs (Linux refuses to while a file on it is open for writing) and that a rotated
+    log (renamed away) is followed by a new file at ``path``. Lines stay whole:
+
+    - a write that fails part way (a full disk takes what fits) is cut off again with
+      ``ftruncate`` to the length the file had, so a refused batch leaves nothing behind;
+    - a file that does not end in a newline (the machine crashed in the middle of a line, or
+      a truncation failed) gets one before the next record, and the KMS logs that it did, so
+      the torn line stays one unparsable line and every later record is a whole line.
     """
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
-        self._lock = threading.Lock()
-        self._fd: int | None = None
+        self._cond = threading.Condition(threading.Lock())
+        self._queue: list[_PendingRecord] = []
+        self._writing = False
         if path is not None:
-            self._fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            # At start: fail now if the file cannot be opened, and end a torn last line.
+            fd = self._open(path)
+            try:
+                if self._torn(fd):
+                    os.write(fd, b"\n")
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+
+    @staticmethod
+    def _open(path: Path) -> int:
+        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    def _torn(self, fd: int) -> bool:
+        """True (and logged) if the file's last byte is not a newline."""
+        size = os.fstat(fd).st_size
+        if size == 0 or os.pread(fd, 1, size - 1) == b"\n":
+            return False
+        logger.warning(
+            "audit log %s: the last line is incomplete (a crash while it was written); "
+            "it is ended with a newline so that new records start on a line of their own",
+            self.path,
+        )
+        return True
 
     def record(self, entry: Mapping[str, Any]) -> None:
-        if self._fd is None:
+        if self.path is None:
             return
-        line = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        with self._lock:
-            try:
-                written = os.write(self._fd, line)
-                if written != len(line):
-                    raise OSError(28, "short write to the audit log")
-                os.fsync(self._fd)
-            except OSError as e:
-                raise UnavailableError(
-                    ErrorCode.AUDIT_UNAVAILABLE,
-                    f"the audit log cannot be written ({e.strerror}); releases are refused",
-                ) from None
+        pending = _PendingRecord(
+            (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        )
+        with self._cond:
+            self._queue.append(pending)
+            while not pending.done:
+                if self._writing:
+                    self._cond.wait()
+                else:
+                    self._write_queue(self.path)
+        if pending.error is not None:
+            raise UnavailableError(
+                ErrorCode.AUDIT_UNAVAILABLE,
+                f"the audit log cannot be written ({pending.error.strerror or pending.error}); "
+                "releases are refused",
+            )
 
-    def close(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+    def _write_queue(self, path: Path) -> None:
+        """Write and fsync every queued line as one batch; called and returns with the lock
+        held, which it drops while it writes."""
+        batch, self._queue = self._queue, []
+        self._writing = True
+        error: OSError | None = OSError(errno.EIO, "the audit writer failed")
+        self._cond.release()
+        try:
+            self._append(path, b"".join(p.line for p in batch))
+            error = None
+        except OSError as e:
+            error = e
+        finally:
+            self._cond.acquire()
+            self._writing = False
+            for p in batch:
+                p.error, p.done = error, True
+            self._cond.notify_all()
+
+    def _append(self, path: Path, data: bytes) -> None:
+        fd = self._open(path)
+        try:
+            size = os.fstat(fd).st_size
+            if self._torn(fd):
+                data = b"\n" + data
+            try:
+                written = os.write(fd, data)
+                if written != len(data):
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))  # took what fitted
+                os.fsync(fd)
+            except OSError:
+                # Take back whatever part of the batch got in: a refused record leaves nothing.
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 class ReleaseService:

@@ -53,6 +53,15 @@ class Anvil:
         w3.provider.make_request("anvil_setBalance", [account.address, hex(ether * 10**18)])
         return account
 
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
     def deploy(self, owner: LocalAccount) -> str:
         w3 = self.w3()
         receipt = chain.send(w3, chain.deploy_request(owner.address), sender=owner.address,
@@ -66,12 +75,13 @@ def _drain(process: subprocess.Popen[str]) -> None:
         pass
 
 
-def _start_anvil() -> Anvil:
+def start_anvil(*extra: str, port: int = 0) -> Anvil:
+    """An anvil node on loopback (``port`` 0: one it picks), started with ``extra`` options."""
     if not ANVIL.exists():
         raise RuntimeError(f"{ANVIL} is missing: run `npm ci` at the repository root")
     process = subprocess.Popen(
-        [str(ANVIL), "--host", "127.0.0.1", "--port", "0", "--accounts", "0",
-         "--chain-id", str(ANVIL_CHAIN_ID)],
+        [str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--accounts", "0",
+         "--chain-id", str(ANVIL_CHAIN_ID), *extra],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     assert process.stdout is not None
@@ -98,16 +108,11 @@ def _start_anvil() -> Anvil:
 
 @pytest.fixture(scope="session")
 def anvil() -> Iterator[Anvil]:
-    node = _start_anvil()
+    node = start_anvil()
     try:
         yield node
     finally:
-        node.process.terminate()
-        try:
-            node.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            node.process.kill()
-            node.process.wait()
+        node.stop()
 
 
 @pytest.fixture(scope="session")

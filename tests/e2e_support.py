@@ -200,10 +200,11 @@ class Setup:
         port: int | None = None,
         unix: Path | None = None,
         images: tuple[str, ...] | None = None,
+        audit: Path | None = None,
     ) -> Kms:
         port = port or free_port()
         args = ["--state-dir", str(self.state), "--trust-root", str(self.sim / "root.pem")]
-        args += ["--audit-log", str(self.audit)]
+        args += ["--audit-log", str(audit or self.audit)]
         for image in images if images is not None else (f"{self.image}=app-a",):
             args += ["--allow-image", image]
         if unix is not None:

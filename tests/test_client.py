@@ -33,6 +33,7 @@ from keyutil.client import (
     backoff_delay,
     check_answer,
     classify,
+    exchange,
     parse_challenge,
     release_keys,
     wait_ready,
@@ -480,6 +481,18 @@ def test_not_ready_is_waited_for(transport: InProcess, nsm: SimulatedNSM, kms: F
     kms.script["/v1/health"] = [(503, {"error": "starting", "message": "loading"})] * 3
     release = run(transport, nsm, request_for(kms))
     assert release.attempts == 4 and kms.calls["/v1/challenge"] == 1
+
+
+def test_one_exchange_without_the_health_check_goes_straight_to_the_challenge(
+    transport: InProcess, nsm: SimulatedNSM, kms: FakeKms
+) -> None:
+    kms.ready = False  # an unhealthy KMS: only /v1/release's own answer tells
+    release = exchange(transport, nsm, request_for(kms), time_left_s=10, check_health=False)
+    assert bytes(release.keys[0].value) == kms.secret("default", 32)
+    assert kms.calls["/v1/health"] == 0 and kms.calls["/v1/release"] == 1
+    with pytest.raises(KmsUnavailable) as info:
+        exchange(transport, nsm, request_for(kms), time_left_s=10)
+    assert info.value.code == "chain_unavailable" and kms.calls["/v1/health"] == 1
 
 
 def test_nsm_error_is_not_retried(transport: InProcess, kms: FakeKms) -> None:

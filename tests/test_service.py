@@ -6,6 +6,10 @@ import base64
 import datetime
 import io
 import json
+import logging
+import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -508,6 +512,86 @@ def test_release_refused_when_the_audit_log_cannot_be_written(
     )
     assert status.startswith("503") and payload["error"] == "audit_unavailable"
     assert "sealed" not in json.dumps(payload)
+
+
+def test_audit_log_with_a_torn_last_line_is_ended_before_new_records(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    whole = b'{"code":null,"outcome":"released","time":"2026-05-01T12:00:00Z"}\n'
+    torn = b'{"code":null,"outcome":"rel'  # the machine lost power in the middle of a line
+    path.write_bytes(whole + torn)
+    with caplog.at_level(logging.WARNING, logger="mock_kms.service"):
+        audit = AuditLog(path)
+    assert "the last line is incomplete" in caplog.text
+    assert path.read_bytes() == whole + torn + b"\n"
+    audit.record({"outcome": "released", "code": None})
+    lines = path.read_bytes().splitlines()
+    assert lines[0] == whole.rstrip() and lines[1] == torn
+    assert json.loads(lines[2]) == {"outcome": "released", "code": None}
+
+
+def test_audit_log_torn_while_running_is_ended_before_the_next_record(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path)
+    audit.record({"n": 1})
+    with path.open("ab") as f:  # a writer that died mid-line (or a truncation that failed)
+        f.write(b'{"n":')
+    with caplog.at_level(logging.WARNING, logger="mock_kms.service"):
+        audit.record({"n": 2})
+    assert "the last line is incomplete" in caplog.text
+    assert path.read_bytes() == b'{"n":1}\n{"n":\n{"n":2}\n'
+
+
+def record_concurrently(audit: AuditLog, n: int) -> list[BaseException | None]:
+    """``n`` threads record one line each, released at once; what each record() raised."""
+    barrier = threading.Barrier(n)
+    outcomes: list[BaseException | None] = [None] * n
+
+    def run(i: int) -> None:
+        barrier.wait()
+        try:
+            audit.record({"n": i})
+        except BaseException as e:
+            outcomes[i] = e
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return outcomes
+
+
+def test_audit_log_group_commit_writes_concurrent_records_with_fewer_fsyncs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "audit.log"
+    audit = AuditLog(path)
+    fsyncs: list[int] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:  # a disk that takes its time, as real ones do
+        fsyncs.append(fd)
+        time.sleep(0.05)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    assert record_concurrently(audit, 8) == [None] * 8
+    assert sorted(json.loads(line)["n"] for line in path.read_bytes().splitlines()) == list(
+        range(8)
+    )
+    assert 1 < len(fsyncs) < 8  # the first alone, the others batched behind it
+
+
+def test_audit_log_failed_batch_refuses_every_record_in_it() -> None:
+    outcomes = record_concurrently(AuditLog(Path("/dev/full")), 6)
+    assert all(isinstance(e, UnavailableError) for e in outcomes)
+    assert {e.code for e in outcomes if isinstance(e, UnavailableError)} == {
+        ErrorCode.AUDIT_UNAVAILABLE
+    }
 
 
 def test_state_directory_modes_and_reuse(tmp_path: Path) -> None:

@@ -169,23 +169,44 @@ def test_trickling_server_cannot_stretch_a_request() -> None:
         assert time.monotonic() - start < 0.8
 
 
-def test_garbage_is_a_bad_response() -> None:
+def one_reply(end_of_request: bytes, reply: bytes) -> TransportError:
+    """What the transport raises against a peer that reads the request up to
+    ``end_of_request``, sends ``reply`` and hangs up."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen(1)
 
-        def garble() -> None:
+        def answer() -> None:
             conn, _ = s.accept()
             with conn:
-                conn.recv(65536)
-                conn.sendall(b"SSH-2.0-OpenSSH\r\n\r\n")
+                request = b""
+                while not request.endswith(end_of_request):  # all of it: no reset on close
+                    request += conn.recv(65536)
+                conn.sendall(reply)
 
-        threading.Thread(target=garble, daemon=True).start()
+        threading.Thread(target=answer, daemon=True).start()
         with pytest.raises(TransportError) as info:
             HttpTransport.from_url(f"http://127.0.0.1:{s.getsockname()[1]}").request(
-                "GET", "/", timeout=2
+                "POST", "/v1/release", {}, timeout=5
             )
-        assert info.value.code in ("bad_response", "unreachable")
+        return info.value
+
+
+def test_garbage_is_a_bad_response() -> None:
+    error = one_reply(b"\r\n\r\n{}", b"SSH-2.0-OpenSSH\r\n\r\n")
+    assert error.code in ("bad_response", "unreachable")
+
+
+@pytest.mark.parametrize("status", [200, 403])
+def test_response_cut_short_is_a_bad_response_not_an_answer(status: int) -> None:
+    # A KMS killed (or a host hanging up) in the middle of the body: neither a truncated
+    # answer nor a truncated denial may be taken for what the KMS said.
+    error = one_reply(
+        b"\r\n\r\n{}",
+        f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n".encode()
+        + b'Content-Length: 100\r\n\r\n{"error":"image_not_allowed"}',
+    )
+    assert error.code == "bad_response" and "cut short at 29 of 100" in error.message
 
 
 def test_no_time_left_means_no_request() -> None:
