@@ -64,6 +64,11 @@ class KeyRequest:
     length: int
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            # A JSON number or list is not a name, even if its text would be one.
+            raise ProtocolError(
+                "bad_request", f"key name: expected a string; found {type(self.name).__name__}"
+            )
         if not KEY_NAME.match(self.name):
             raise ProtocolError(
                 "bad_request",

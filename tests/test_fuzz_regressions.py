@@ -7,20 +7,29 @@ optional tag 18 around the whole document; these documents are signed after tagg
 parser, not the signature, must refuse them. Around the envelope's items (outside the
 signature) a tag changes nothing the signature covers, but the parser documents that it
 accepts tag 18 and nothing else.
+
+Release requests: ``"version": true`` (and ``1.0``) passed for the integer 1, and a key name
+given as a JSON number was turned into text and released under that name.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
 from test_attacks import AT, Forge, cose, expect, with_field
+from test_service import Clock, Enclave, make_service, make_sim
 
+from keyutil import protocol as p
+from mock_kms.allowlist import EmbeddedAllowlist
 from mock_kms.attestation import parse_attestation
 from mock_kms.errors import ErrorCode, KmsError
+from mock_kms.service import ReleaseRequest, ReleaseService
 
+APP = b"fuzz-regressions".ljust(32, b"\0")
 SELF_DESCRIBED = 55799  # RFC 8949, section 3.4.6
 SHAREABLE = 28  # value sharing: the value, marked for later reference by tag 29
 BIGNUM = 2
@@ -149,3 +158,59 @@ def test_tags_refused_with_their_number_in_the_message(forge: Forge) -> None:
     with pytest.raises(KmsError) as info:
         parse_attestation(data)
     assert info.value.code is ErrorCode.FIELD_TYPE
+
+
+# -- the release request ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def chain() -> EmbeddedAllowlist:
+    return EmbeddedAllowlist.create()
+
+
+@pytest.fixture
+def release(tmp_path: Path, chain: EmbeddedAllowlist) -> tuple[ReleaseService, Enclave]:
+    clock = Clock()
+    nsm = make_sim(tmp_path / "sim", clock)
+    chain.register_image(bytes.fromhex(nsm.identity.os_image_hash[2:]), APP)
+    return make_service(tmp_path, nsm, chain, clock), Enclave(nsm)
+
+
+@pytest.mark.parametrize("version", [True, 1.0], ids=["true", "float"])
+def test_release_version_must_be_the_integer_1(
+    release: tuple[ReleaseService, Enclave], version: Any
+) -> None:
+    """A request that is otherwise good, but says version true or 1.0, is refused."""
+    service, enclave = release
+    request = enclave.request(service)
+    request["version"] = version
+    with pytest.raises(KmsError) as err:
+        service.release(request)
+    assert err.value.code is ErrorCode.BAD_REQUEST
+    assert "version" in err.value.message
+
+
+def test_release_key_name_must_be_a_string(release: tuple[ReleaseService, Enclave]) -> None:
+    """Key name 123 (a number), bound by the enclave as "123": refused, not released."""
+    service, enclave = release
+    keys = (p.KeyRequest("123", 32),)
+    request = enclave.request(service, keys)
+    request["keys"][0]["name"] = 123
+    with pytest.raises(KmsError) as err:
+        service.release(request)
+    assert err.value.code is ErrorCode.BAD_REQUEST
+    assert "key name" in err.value.message
+    # The same request with the name as text is released.
+    good = enclave.request(service, keys)
+    (key,) = enclave.open(service, service.release(good).answer)
+    assert key == service.state.derive_key(APP, keys[0])
+
+
+@pytest.mark.parametrize("name", [None, ["disk"], {"disk": 1}, True])
+def test_request_key_name_of_another_type(name: Any) -> None:
+    """The request form alone, before any verification: names are JSON strings."""
+    body = {"version": 1, "suite": p.SUITE_X25519, "keys": [{"name": name, "length": 32}],
+            "attestation": "hA=="}
+    with pytest.raises(KmsError) as err:
+        ReleaseRequest.from_json(body)
+    assert err.value.code is ErrorCode.BAD_REQUEST
