@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import shlex
 import sys
 import time
@@ -116,17 +117,26 @@ def run_atheris(args: argparse.Namespace, libfuzzer_args: list[str]) -> int:
     with atheris.instrument_imports(include=list(INSTRUMENTED)):
         for name in PRODUCT_MODULES:
             __import__(name)
+    from fuzz.mutate import RandomChooser  # after: it imports product modules too
 
     class FdpChooser:
+        """Decisions from libFuzzer's input; past its end, from a PRNG seeded with the input
+        (not all zeros, which would make every late decision the first option)."""
+
         def __init__(self, data: bytes) -> None:
             self.fdp = atheris.FuzzedDataProvider(data)
+            self.rest = RandomChooser(random.Random(data))
 
         def below(self, n: int) -> int:
-            return int(self.fdp.ConsumeIntInRange(0, n - 1)) if n > 1 else 0
+            if n <= 1:
+                return 0
+            if self.fdp.remaining_bytes() == 0:
+                return self.rest.below(n)
+            return int(self.fdp.ConsumeIntInRange(0, n - 1))
 
         def data(self, n: int) -> bytes:
             got = bytes(self.fdp.ConsumeBytes(n))
-            return got + bytes(n - len(got))
+            return got + self.rest.data(n - len(got))
 
     session = Session(args, {"libfuzzer_args": libfuzzer_args,
                              "atheris": getattr(atheris, "__version__", "3")})

@@ -50,6 +50,7 @@ from typing import Any, Protocol
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
+from fuzz.cbor import Raw
 from fuzz.mutate import P384_ORDER, SEMANTIC, Chooser, Mutant, Mutator, chance, pick
 from fuzz.seeds import Corpus, Seed, SimLeaf, envelope_tree, ms
 from fuzz.spec import ATTESTATION_B64_MAX, Meaning, Verdict, reference, reference_request
@@ -547,11 +548,11 @@ class ReleaseTarget:
         document = self.signer.document(self.identity, leaf, now, nonce=nonce,
                                         user_data=binding, public_key=public,
                                         indefinite=chance(c, 30))
-        mutant = Mutant(Seed("release", document, envelope_tree(document), now, leaf.key),
-                        document, [])
+        mutant = Mutant(Seed("release", document, Raw(document), now, leaf.key), document, [])
         if chance(c, 50):
+            seed = dataclasses.replace(mutant.seed, tree=envelope_tree(document))
             gentle = chance(c, 50)
-            mutant = self.mutator.mutant(mutant.seed, c, resign=chance(c, 85),
+            mutant = self.mutator.mutant(seed, c, resign=chance(c, 85),
                                          max_structural=2 if gentle else 5,
                                          operations=SEMANTIC if gentle else None)
             ops.extend(mutant.ops)
