@@ -11,7 +11,9 @@ made where. Arguments after ``--`` go to libFuzzer (``-max_len``, ``-jobs``, a c
 ...). ``--engine plain``: a seeded ``random.Random`` makes the decisions (reproducible with
 ``--seed``). Either way the report (JSON) is printed at the end and, with ``--report``,
 rewritten every few seconds while the run goes; findings and their inputs go to
-``--findings`` (see :mod:`fuzz.record`). Exit status: 0 when no finding, 1 otherwise.
+``--findings`` (see :mod:`fuzz.record`); ``DIR/<target>-inflight.bin`` is the input being run,
+so a crash that kills the process (a C stack overflow) leaves its input there; give atheris
+``-artifact_prefix=DIR/`` for its own copy. Exit status: 0 when no finding, 1 otherwise.
 """
 
 from __future__ import annotations
@@ -53,6 +55,9 @@ class Session:
         self.args = args
         self.target = make_target(args.target)
         self.recorder = Recorder(args.findings)
+        if args.findings is not None:
+            args.findings.mkdir(parents=True, exist_ok=True)
+            self.target.inflight = args.findings / f"{args.target}-inflight.bin"
         self.engine_facts = engine_facts
         self.last_report = time.monotonic()
         self.command = " ".join(shlex.quote(a) for a in [sys.executable, "-m", "fuzz.run",

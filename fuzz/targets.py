@@ -39,14 +39,17 @@ the same meaning (tag 18, non-minimal heads, chunked strings, a high-S signature
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import dataclasses
 import datetime
 import io
 import json
 import secrets
+import threading
 import traceback
 from collections.abc import Callable
-from typing import Any, Protocol
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
@@ -61,6 +64,7 @@ from mock_kms.config import Limits
 from mock_kms.errors import ErrorCode, KmsError
 from mock_kms.verifier import AttestationPolicy, AttestationVerifier, VerifiedAttestation
 
+T = TypeVar("T")
 KINDS = ("refused", "accepted", "crash", "accepted_mutant", "refused_valid", "harness_error")
 FINDINGS = ("crash", "accepted_mutant", "refused_valid")
 
@@ -79,8 +83,20 @@ class Execution:
 
 class Target(Protocol):
     name: str
+    inflight: Path | None
 
     def one(self, c: Chooser) -> Execution: ...
+
+
+class _Inflight:
+    """Each input is written to ``inflight`` (when set) before the product sees it, so that a
+    crash that kills the process (a stack overflow in C) leaves its input behind."""
+
+    inflight: Path | None = None
+
+    def before(self, data: bytes) -> None:
+        if self.inflight is not None:
+            self.inflight.write_bytes(data)
 
 
 def _trace(e: BaseException) -> str:
@@ -164,7 +180,7 @@ class Signed:
 # -- (a) the parser ---------------------------------------------------------------------------
 
 
-class ParserTarget:
+class ParserTarget(_Inflight):
     name = "parser"
 
     def __init__(self, corpus: Corpus, mutator: Mutator) -> None:
@@ -184,6 +200,7 @@ class ParserTarget:
         def result(kind: str, code: str, detail: str = "") -> Execution:
             return Execution(self.name, kind, code, ops, data, seed, detail)
 
+        self.before(data)
         try:
             doc = parse_attestation(data)
         except KmsError as e:
@@ -205,7 +222,7 @@ class ParserTarget:
 # -- (b) the verifier -------------------------------------------------------------------------
 
 
-class VerifierTarget:
+class VerifierTarget(_Inflight):
     name = "verifier"
 
     def __init__(self, corpus: Corpus, mutator: Mutator) -> None:
@@ -250,6 +267,7 @@ class VerifierTarget:
             return Execution(self.name, kind, code, mutant.ops, data, seed.name, detail,
                              {"at": at.isoformat(), "resigned": mutant.resigned})
 
+        self.before(data)
         try:
             verified = verifier.verify(data, at=at)
         except KmsError as e:
@@ -442,7 +460,27 @@ def _as_sent(obj: Any, keys: tuple[protocol.KeyRequest, ...],
     return sent or keys, sent_suite if sent_suite in protocol.SUITES else suite
 
 
-class ReleaseTarget:
+class _SmallStackThread:
+    """The one thread that runs the WSGI calls, with the stack a server thread may get under
+    a tight ``ulimit -s`` (glibc sizes thread stacks by it): recursion that the main thread's
+    8 MiB would absorb crashes here, as it would crash such a server."""
+
+    def __init__(self, stack: int) -> None:
+        previous = threading.stack_size(stack)
+        try:
+            self.pool = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+            self.pool.submit(lambda: None).result()  # the thread starts now, with that stack
+        finally:
+            threading.stack_size(previous)
+
+    def run(self, fn: Callable[..., T], *args: Any) -> T:
+        return self.pool.submit(fn, *args).result()
+
+
+WORKER_STACK = 1 << 20
+
+
+class ReleaseTarget(_Inflight):
     name = "release"
 
     def __init__(self, corpus: Corpus, mutator: Mutator) -> None:
@@ -470,6 +508,7 @@ class ReleaseTarget:
         )
         self.app = KmsApp(self.service)
         self.leaf: SimLeaf | None = None
+        self.worker = _SmallStackThread(WORKER_STACK)
 
     # -- the HTTP exchange, in-process -------------------------------------------------------
     def call(self, method: str, path: str, body: bytes = b"",
@@ -490,7 +529,7 @@ class ReleaseTarget:
             captured["status"], captured["headers"] = status, dict(headers)
             return lambda _data: None
 
-        out = b"".join(self.app(environ, start_response))
+        out = b"".join(self.worker.run(self.app, environ, start_response))
         return int(captured["status"].split()[0]), captured["headers"], out
 
     def challenge(self) -> bytes:
@@ -512,6 +551,7 @@ class ReleaseTarget:
         except Exception as e:
             return Execution(self.name, "harness_error", type(e).__name__, [], b"",
                              detail=_trace(e))
+        self.before(case.body)
         try:
             status, headers, out = self.call(case.method, case.path, case.body,
                                              case.content_length)
