@@ -9,24 +9,31 @@ signature) a tag changes nothing the signature covers, but the parser documents 
 accepts tag 18 and nothing else.
 
 Release requests: ``"version": true`` (and ``1.0``) passed for the integer 1, and a key name
-given as a JSON number was turned into text and released under that name.
+given as a JSON number was turned into text and released under that name. A body of deeply
+nested arrays crashed the KMS process when its threads had a small stack.
 """
 
 from __future__ import annotations
 
+import json
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
+from e2e_support import Setup
 from test_attacks import AT, Forge, cose, expect, with_field
-from test_service import Clock, Enclave, make_service, make_sim
+from test_service import Clock, Enclave, call, make_service, make_sim
 
 from keyutil import protocol as p
 from mock_kms.allowlist import EmbeddedAllowlist
 from mock_kms.attestation import parse_attestation
+from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, KmsError
+from mock_kms.server import KmsApp, json_nesting
 from mock_kms.service import ReleaseRequest, ReleaseService
 
 APP = b"fuzz-regressions".ljust(32, b"\0")
@@ -214,3 +221,58 @@ def test_request_key_name_of_another_type(name: Any) -> None:
     with pytest.raises(KmsError) as err:
         ReleaseRequest.from_json(body)
     assert err.value.code is ErrorCode.BAD_REQUEST
+
+
+# -- deeply nested JSON ------------------------------------------------------------------------
+
+
+def test_deeply_nested_body_to_a_small_stack_server(setup: Setup) -> None:
+    """64 KiB of nested arrays killed `mock-kms serve` with SIGSEGV when its threads had a
+    1 MiB stack: web3's dependencies raise Python's recursion limit to 100000, so json's C
+    parser recursed past the thread's stack instead of raising RecursionError."""
+    kms = setup.kms().start(stack_limit=1 << 20).wait_listening()
+    depth = 32_000
+    status, answer = post(kms.url + "/v1/release", b"[" * depth + b"]" * depth)
+    assert (status, answer["error"]) == (400, "bad_request"), answer
+    assert "nested" in answer["message"]
+    assert kms.proc is not None and kms.proc.poll() is None  # still serving
+    with urllib.request.urlopen(kms.url + "/v1/identity", timeout=10) as r:
+        assert r.status == 200
+
+
+def post(url: str, body: bytes) -> tuple[int, Any]:
+    request = urllib.request.Request(url, data=body, method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+def _nested_extra(depth: int) -> Any:
+    value: Any = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
+def test_request_nesting_limit(release: tuple[ReleaseService, Enclave]) -> None:
+    """An unknown member nested to the limit is ignored and the key released; one level
+    deeper and the body is refused before it is parsed."""
+    service, enclave = release
+    app = KmsApp(service)
+    limit = LIMITS.max_json_depth
+    for extra_depth, expected in ((limit - 1, "200 OK"), (limit, "400 Bad Request")):
+        request = enclave.request(service)
+        request["extension"] = _nested_extra(extra_depth)  # inside the request object
+        status, answer = call(app, "POST", "/v1/release", json.dumps(request).encode())
+        assert status == expected, answer
+    assert answer["error"] == "bad_request"
+    assert f"nested at most {limit} deep" in answer["message"]
+
+
+def test_nesting_counts_brackets_outside_strings_only() -> None:
+    """Brackets inside strings (escaped quotes included) do not count."""
+    assert json_nesting('{"a": "[[[{{{", "b": [1, {"c": "\\"[["}]}') == 3
+    assert json_nesting('"\\\\"[[]]') == 2
+    assert json_nesting("") == 0
