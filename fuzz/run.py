@@ -6,14 +6,15 @@
 
 ``--engine atheris`` (``pip install -e '.[fuzz]'``): libFuzzer, coverage-guided over the
 instrumented ``mock_kms`` and ``keyutil`` code; its input is the stream of decisions the
-mutator makes (:class:`fuzz.mutate.Chooser`), so coverage feedback steers which mutations are
-made where. Arguments after ``--`` go to libFuzzer (``-max_len``, ``-jobs``, a corpus dir,
-...). ``--engine plain``: a seeded ``random.Random`` makes the decisions (reproducible with
-``--seed``). Either way the report (JSON) is printed at the end and, with ``--report``,
-rewritten every few seconds while the run goes; findings and their inputs go to
-``--findings`` (see :mod:`fuzz.record`); ``DIR/<target>-inflight.bin`` is the input being run,
-so a crash that kills the process (a C stack overflow) leaves its input there; give atheris
-``-artifact_prefix=DIR/`` for its own copy. Exit status: 0 when no finding, 1 otherwise.
+mutator makes (:class:`fuzz.mutate.Chooser`), so coverage feedback steers which mutations
+are made where. Arguments after ``--`` go to libFuzzer (``-max_len``, ``-artifact_prefix``,
+a corpus dir, ...). ``--engine plain``: a seeded ``random.Random`` makes the decisions
+(reproducible with ``--seed``). Either way the report (JSON) is printed at the end and, with
+``--report``, rewritten every few seconds while the run goes; findings and their inputs go
+to ``--findings`` (see :mod:`fuzz.record`); ``DIR/<target>-inflight.bin`` is the input being
+run, so a crash that kills the process (a C stack overflow) leaves its input there; give
+atheris ``-artifact_prefix=DIR/`` for its own copy. Exit status: 0 when no finding, 1
+otherwise.
 """
 
 from __future__ import annotations
@@ -146,19 +147,20 @@ def run_atheris(args: argparse.Namespace, libfuzzer_args: list[str]) -> int:
     session = Session(args, {"libfuzzer_args": libfuzzer_args,
                              "atheris": getattr(atheris, "__version__", "3")})
     limit = args.runs
+    deadline = time.monotonic() + args.seconds if args.seconds else None
 
     def test_one(data: bytes) -> None:
         session.step(FdpChooser(data))
-        if limit is not None and session.recorder.execs >= limit:
+        if (limit is not None and session.recorder.execs >= limit) or (
+                deadline is not None and time.monotonic() >= deadline):
             code = session.finish()
             sys.stdout.flush()
             sys.stderr.flush()
-            os._exit(code)  # libFuzzer would exit without the report otherwise
+            os._exit(code)  # libFuzzer would exit without the final report otherwise
 
-    extra = [f"-max_total_time={int(args.seconds)}"] if args.seconds else []
-    atheris.Setup([sys.argv[0], *extra, *libfuzzer_args], test_one)
+    atheris.Setup([sys.argv[0], *libfuzzer_args], test_one)
     atheris.Fuzz()
-    return session.finish()  # not reached: libFuzzer exits by itself at -max_total_time
+    return session.finish()  # not reached
 
 
 def main(argv: list[str] | None = None) -> int:
