@@ -373,7 +373,7 @@ def mutate_keys(c: Chooser, body: dict[str, Any]) -> None:
     elif kind == 1:
         body["keys"] = [{"name": f"k{i}", "length": 32} for i in range(17)]
     elif kind == 2:
-        body["keys"] = [*keys, dict(keys[0])]
+        body["keys"] = [*keys, dict(base)]  # a name twice
     elif kind == 3:
         keys[c.below(len(keys))] = {**base, "name": pick(c, BAD_NAMES)}
     elif kind == 4:
