@@ -175,7 +175,14 @@ def load_recipient_public(suite: str, data: bytes) -> RecipientPublicKey:
         if suite == SUITE_X25519:
             if len(data) != 32:
                 raise ValueError(f"expected 32 bytes; found {len(data)}")
-            return x25519.X25519PublicKey.from_public_bytes(data)
+            key = x25519.X25519PublicKey.from_public_bytes(data)
+            try:
+                # A point of small order gives every sender the all-zero shared secret,
+                # which HPKE refuses: sealing to it would fail.
+                x25519.X25519PrivateKey.generate().exchange(key)
+            except ValueError:
+                raise ValueError("a low-order point, which gives no shared secret") from None
+            return key
         if suite == SUITE_P384:
             return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), data)
     except ValueError as e:

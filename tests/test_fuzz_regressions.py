@@ -10,7 +10,8 @@ accepts tag 18 and nothing else.
 
 Release requests: ``"version": true`` (and ``1.0``) passed for the integer 1, and a key name
 given as a JSON number was turned into text and released under that name. A body of deeply
-nested arrays crashed the KMS process when its threads had a small stack.
+nested arrays crashed the KMS process when its threads had a small stack. An attested X25519
+public key of small order made sealing fail with an exception (HTTP 500).
 """
 
 from __future__ import annotations
@@ -211,6 +212,33 @@ def test_release_key_name_must_be_a_string(release: tuple[ReleaseService, Enclav
     good = enclave.request(service, keys)
     (key,) = enclave.open(service, service.release(good).answer)
     assert key == service.state.derive_key(APP, keys[0])
+
+
+# X25519 points of small order (u = 0 came from the fuzzer: a PCR of zeros spliced into
+# public_key), and non-canonical encodings of them (u = p - 1, p, p + 1).
+P25519 = 2**255 - 19
+LOW_ORDER_X25519 = [
+    0,
+    1,
+    325606250916557431795983626356110631294008115727848805560023387167927233504,
+    39382357235489614581723060781553021112529911719440698176882885853963445705823,
+    P25519 - 1,
+    P25519,
+    P25519 + 1,
+]
+
+
+@pytest.mark.parametrize("u", LOW_ORDER_X25519, ids=[f"u{i}" for i in range(7)])
+def test_release_to_a_low_order_x25519_key(
+    release: tuple[ReleaseService, Enclave], u: int
+) -> None:
+    """A signed document whose X25519 public_key has small order: HPKE gets no shared secret.
+    Sealing raised ValueError out of the KMS (HTTP 500); the key is public_key_invalid."""
+    service, enclave = release
+    request = enclave.request(service, public_key=u.to_bytes(32, "little"))
+    status, answer = call(KmsApp(service), "POST", "/v1/release", json.dumps(request).encode())
+    assert (status, answer["error"]) == ("403 Forbidden", "public_key_invalid"), answer
+    assert "low-order" in answer["message"]
 
 
 @pytest.mark.parametrize("name", [None, ["disk"], {"disk": 1}, True])
