@@ -75,6 +75,10 @@ INTERESTING_INTS = (
 )
 BYTE_SIZES = (0, 1, 31, 32, 33, 41, 47, 48, 49, 64, 65, 95, 96, 97, 1023, 1024, 1025, 4096,
               4097, 16_385, 70_000)
+# Byte strings that mean something to a reader: zeros (a debug PCR, an X25519 point of small
+# order), one, all ones, the point at infinity and an off-curve point for P-384.
+SPECIAL_BYTES = (bytes(32), (1).to_bytes(32, "little"), b"\xff" * 32, bytes(48), b"\x00",
+                 b"\x04" + bytes(96), b"\x04" + b"\x01" * 96, bytes(96), b"\x01" + bytes(40))
 TEXTS: tuple[bytes, ...] = (
     b"", b"SHA384", b"SHA256", b"SHA512", b"sha384", b"SHA384\x00", b"MD5", b"A" * 256,
     b"A" * 257, "\u00e9t\u00e9".encode(), b"\xff\xfe", b"\xed\xa0\x80", b"\xc0\x80",
@@ -567,15 +571,17 @@ def op_bytes_size(m: Mutator, c: Chooser, h: Holder, slot: Slot) -> str | None:
     node = slot.node
     if not isinstance(node, Bytes):
         return None
-    kind = c.below(4)
+    kind = c.below(5)
     if kind == 0:
         node.value = c.data(pick(c, BYTE_SIZES))
     elif kind == 1:
         node.value = node.value[:-1 - c.below(4)]
     elif kind == 2:
         node.value = node.value + bytes(1 + c.below(4))
-    else:
+    elif kind == 3:
         node.value = node.value * 2
+    else:
+        node.value = pick(c, SPECIAL_BYTES)
     node.declared = None
     return "bytes_size"
 
