@@ -64,6 +64,11 @@ class KeyRequest:
     length: int
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            # A JSON number or list is not a name, even if its text would be one.
+            raise ProtocolError(
+                "bad_request", f"key name: expected a string; found {type(self.name).__name__}"
+            )
         if not KEY_NAME.match(self.name):
             raise ProtocolError(
                 "bad_request",
@@ -170,7 +175,14 @@ def load_recipient_public(suite: str, data: bytes) -> RecipientPublicKey:
         if suite == SUITE_X25519:
             if len(data) != 32:
                 raise ValueError(f"expected 32 bytes; found {len(data)}")
-            return x25519.X25519PublicKey.from_public_bytes(data)
+            key = x25519.X25519PublicKey.from_public_bytes(data)
+            try:
+                # A point of small order gives every sender the all-zero shared secret,
+                # which HPKE refuses: sealing to it would fail.
+                x25519.X25519PrivateKey.generate().exchange(key)
+            except ValueError:
+                raise ValueError("a low-order point, which gives no shared secret") from None
+            return key
         if suite == SUITE_P384:
             return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), data)
     except ValueError as e:

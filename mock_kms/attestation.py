@@ -18,6 +18,9 @@ real document (tag 18 is accepted, never required)::
       },
       signature: bstr .size 96 ]        ; raw r || s
 
+No CBOR tag may appear anywhere else, and each item is refused as what it is not: a tag
+inside the envelope is ``cose_structure``, inside the payload ``field_type``.
+
 :func:`parse_attestation` returns an :class:`AttestationDocument`: a parsed, *unverified*
 document. Only :class:`mock_kms.verifier.AttestationVerifier` turns one into a
 :class:`mock_kms.verifier.VerifiedAttestation`.
@@ -28,7 +31,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import io
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import cbor2
@@ -103,22 +106,61 @@ def _fail(code: ErrorCode, message: str) -> AttestationError:
     return AttestationError(code, message)
 
 
-def _strict_loads(data: bytes, what: str, limits: Limits) -> Any:
-    """Decode one CBOR item, refusing duplicate map keys and trailing bytes."""
+class _TagFound(Exception):
+    def __init__(self, tag: int) -> None:
+        super().__init__(tag)
+        self.tag = tag
+
+
+class _NoTags(Mapping[int, Callable[..., Any]]):
+    """cbor2's semantic decoders, overridden for every tag number: any tag is refused.
+
+    The format has no tags (the optional tag 18 around the document is taken off before
+    decoding). Left alone, cbor2 turns the tags it knows into plain values: 2 and 3 (bignums)
+    into an int, 55799 and 28 into the value they wrap, 29, 25 and 256 into earlier values,
+    so a tagged field would pass every type check as if it were untagged.
+    """
+
+    def __getitem__(self, tag: int) -> Callable[..., Any]:
+        def refuse(*_: Any) -> Any:
+            raise _TagFound(tag)
+
+        return refuse
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(())
+
+    def __len__(self) -> int:
+        return 0
+
+
+_NO_TAGS = _NoTags()
+
+
+def _strict_loads(data: bytes, what: str, limits: Limits, tag_code: ErrorCode) -> Any:
+    """Decode one CBOR item, refusing duplicate map keys, tags (with ``tag_code``) and
+    trailing bytes."""
     stream = io.BytesIO(data)
     try:
         decoder = cbor2.CBORDecoder(
-            stream, allow_duplicate_keys=False, max_depth=limits.max_cbor_depth
+            stream,
+            allow_duplicate_keys=False,
+            max_depth=limits.max_cbor_depth,
+            semantic_decoders=_NO_TAGS,
         )
         value = decoder.decode()
     except cbor2.CBORDecodeError as e:
+        if isinstance(e.__cause__, _TagFound):
+            raise _fail(
+                tag_code, f"{what}: expected no CBOR tags; found tag {e.__cause__.tag}"
+            ) from None
         if "Duplicate map key" in str(e):
             raise _fail(
                 ErrorCode.CBOR_DUPLICATE_KEY, f"{what}: expected unique map keys; found {e}"
             ) from None
         raise _fail(ErrorCode.CBOR_MALFORMED, f"{what}: expected well-formed CBOR; {e}") from None
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
-        # cbor2's semantic decoders (tags) raise these on bad tag content.
+        # Defensive: cbor2 has raised these on content it could not turn into values.
         raise _fail(ErrorCode.CBOR_MALFORMED, f"{what}: expected well-formed CBOR; {e}") from None
     if stream.tell() != len(data):
         extra = len(data) - stream.tell()
@@ -148,20 +190,27 @@ def _expect_bytes(value: object, field: str, max_len: int) -> bytes:
     return value
 
 
+def _untagged(data: bytes) -> bytes:
+    """``data`` without the tag 18 (COSE_Sign1) in front of it, if there is one."""
+    if not data or data[0] >> 5 != 6:
+        return data
+    info = data[0] & 0x1F
+    width = {24: 1, 25: 2, 26: 4, 27: 8}.get(info, 0)
+    if info > 27 or len(data) < 1 + width:
+        return data  # not well-formed: the decoder says so
+    tag = int.from_bytes(data[1 : 1 + width], "big") if width else info
+    if tag != COSE_SIGN1_TAG:
+        raise _fail(
+            ErrorCode.COSE_STRUCTURE, f"expected untagged COSE_Sign1 or tag 18; found tag {tag}"
+        )
+    return data[1 + width :]
+
+
 def _parse_cose_envelope(data: bytes, limits: Limits) -> tuple[bytes, bytes, bytes]:
     """(protected, payload, signature) of a COSE_Sign1 with exactly an ES384 header."""
-    item = _strict_loads(data, "COSE_Sign1", limits)
-    if isinstance(item, cbor2.CBORTag):
-        if item.tag != COSE_SIGN1_TAG:
-            raise _fail(
-                ErrorCode.COSE_STRUCTURE,
-                f"expected untagged COSE_Sign1 or tag 18; found tag {item.tag}",
-            )
-        item = item.value
-    # cbor2 hands over the content of a tag it has no decoder for as immutable values (a
-    # tuple for the array, a frozendict for maps): tag 18 must parse like the untagged form.
-    if not isinstance(item, list | tuple) or len(item) != 4:
-        found = f"array of {len(item)}" if isinstance(item, list | tuple) else _type_name(item)
+    item = _strict_loads(_untagged(data), "COSE_Sign1", limits, ErrorCode.COSE_STRUCTURE)
+    if not isinstance(item, list) or len(item) != 4:
+        found = f"array of {len(item)}" if isinstance(item, list) else _type_name(item)
         raise _fail(ErrorCode.COSE_STRUCTURE, f"expected a COSE_Sign1 array of 4; found {found}")
     protected, unprotected, payload, signature = item
     for name, value in (("protected", protected), ("payload", payload), ("signature", signature)):
@@ -185,7 +234,11 @@ def _parse_cose_envelope(data: bytes, limits: Limits) -> tuple[bytes, bytes, byt
     if protected != ES384_PROTECTED_HEADER:
         # Exactly the one encoding of {1: -35} that real documents carry: no other header,
         # no other algorithm, no look-alike key or value types.
-        header = _strict_loads(protected, "protected header", limits) if protected else {}
+        header = (
+            _strict_loads(protected, "protected header", limits, ErrorCode.COSE_ALGORITHM)
+            if protected
+            else {}
+        )
         alg = header.get(COSE_HEADER_ALG, "none") if isinstance(header, dict) else "not a map"
         raise _fail(
             ErrorCode.COSE_ALGORITHM,
@@ -233,7 +286,7 @@ def _parse_pcrs(value: object, digest: str, limits: Limits) -> dict[int, bytes]:
 
 
 def _parse_payload(payload: bytes, limits: Limits) -> dict[str, Any]:
-    fields = _strict_loads(payload, "payload", limits)
+    fields = _strict_loads(payload, "payload", limits, ErrorCode.FIELD_TYPE)
     if not isinstance(fields, dict):
         raise _fail(ErrorCode.FIELD_TYPE, f"payload: expected a map; found {_type_name(fields)}")
     unknown = [k for k in fields if k not in REQUIRED_FIELDS]

@@ -34,6 +34,10 @@ class Limits:
     clock_skew: datetime.timedelta = datetime.timedelta(seconds=60)
     # Verified intermediate chains kept in memory.
     chain_cache_size: int = 64
+    # JSON request bodies: arrays and objects nested at most this deep (a release request
+    # needs 3). json's C parser recurses once per level, and web3's dependencies raise
+    # Python's recursion limit to 100000, so depth must be bounded before parsing.
+    max_json_depth: int = 32
 
 
 LIMITS = Limits()

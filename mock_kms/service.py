@@ -151,10 +151,17 @@ class ReleaseRequest:
         try:
             if not isinstance(body, Mapping):
                 raise ProtocolError("bad_request", "expected a JSON object")
-            if body.get("version") != protocol.PROTOCOL_VERSION:
+            version = body.get("version")
+            # JSON true and 1.0 compare equal to 1 in Python; the protocol's version is an integer.
+            if type(version) is not int or version != protocol.PROTOCOL_VERSION:
+                shown = (
+                    json.dumps(version)[:20]
+                    if version is None or isinstance(version, bool | int | float | str)
+                    else f"a JSON {type(version).__name__}"
+                )
                 raise ProtocolError(
                     "bad_request",
-                    f"version: expected {protocol.PROTOCOL_VERSION}; found {body.get('version')!r}",
+                    f"version: expected the integer {protocol.PROTOCOL_VERSION}; found {shown}",
                 )
             suite = body.get("suite")
             if suite not in protocol.SUITES:
@@ -169,7 +176,7 @@ class ReleaseRequest:
             for item in raw_keys[: protocol.MAX_KEYS + 1]:
                 if not isinstance(item, Mapping):
                     raise ProtocolError("bad_request", "keys: expected objects {name, length}")
-                keys.append(KeyRequest(str(item.get("name", "")), item.get("length")))  # type: ignore[arg-type]
+                keys.append(KeyRequest(item.get("name"), item.get("length")))  # type: ignore[arg-type]
             attestation = protocol.b64d(
                 body.get("attestation"),
                 "attestation",

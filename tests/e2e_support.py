@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import resource
 import shutil
 import signal
 import socket
@@ -145,11 +146,20 @@ class Kms:
         self.args, self.log, self.url, self.unix = args, log, url, unix
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def start(self) -> Kms:
+    def start(self, *, stack_limit: int | None = None) -> Kms:
+        """``stack_limit``: the stack rlimit in bytes, which is also the stack size glibc
+        gives each of the server's threads (as under ``ulimit -s``)."""
+
+        def limit_stack() -> None:
+            if stack_limit is not None:
+                _, hard = resource.getrlimit(resource.RLIMIT_STACK)
+                resource.setrlimit(resource.RLIMIT_STACK, (stack_limit, hard))
+
         self.proc = subprocess.Popen(
             [MOCK_KMS, "serve", *self.args],
             stdout=subprocess.DEVNULL,
             stderr=self.log.open("ab"),
+            preexec_fn=limit_stack if stack_limit is not None else None,
         )
         return self
 
