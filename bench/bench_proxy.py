@@ -45,13 +45,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchlib import KEYUTIL, PYTHON, environment, percentile
+from benchlib import KEYUTIL, PYTHON, cpu_seconds, environment, percentile
 
 HEADER = struct.Struct("!cQ")
 CHUNK = 1 << 20
 PING = 64
 MB = 1_000_000
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- the destination server (its own process) ---------------------------------------------
@@ -147,24 +146,6 @@ def ping_pong(sock: socket.socket, count: int) -> list[float]:
     return rtts
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of ``pid`` and its live children (socat forks one per connection)."""
-    total = 0.0
-    pids = [pid]
-    try:
-        children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-        pids += [int(c) for c in children]
-    except OSError:
-        pass
-    for p in pids:
-        try:
-            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
-    return total
-
-
 def connect_unix(path: Path, timeout: float = 20.0) -> socket.socket:
     end = time.monotonic() + timeout
     while True:
@@ -217,12 +198,13 @@ def measure(
 ) -> tuple[float, float, list[float]]:
     """(upload MB/s, download MB/s, round-trip times) on one connection; CPU to ``c``."""
     total = args.mb * (1 << 20)
-    before = cpu_seconds(c.proc.pid) if c is not None and c.proc is not None else 0.0
+    pid = c.proc.pid if c is not None and c.proc is not None else None
+    before = cpu_seconds(pid, with_children=True) if pid is not None else 0.0
     up = upload(sock, total, block)
     down = download(sock, total, buf)
     rtts = ping_pong(sock, args.rtts)
-    if c is not None and c.proc is not None:
-        c.cpu += cpu_seconds(c.proc.pid) - before
+    if c is not None and pid is not None:
+        c.cpu += cpu_seconds(pid, with_children=True) - before
         c.bytes_moved += 2 * total
     return total / up / MB, total / down / MB, rtts
 

@@ -44,7 +44,6 @@ import json
 import multiprocessing
 import multiprocessing.connection
 import os
-import re
 import shutil
 import signal
 import statistics
@@ -52,13 +51,21 @@ import sys
 import tempfile
 import time
 import traceback
-import urllib.error
-import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from benchlib import LocalKms, Op, environment, p384_key, percentile, run_batch
+from benchlib import (
+    LocalKms,
+    Op,
+    cpu_seconds,
+    environment,
+    metric_delta,
+    p384_key,
+    percentile,
+    run_batch,
+    server_metrics,
+)
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -74,39 +81,6 @@ KEYS = (p.KeyRequest("disk", 32),)
 SUITE = p.SUITE_X25519
 TARGET_RATIO = 0.6
 ES384 = ec.ECDSA(hashes.SHA384())
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a live process, from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-# -- The server -----------------------------------------------------------------------------
-
-
-METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
-
-
-def server_metrics(kms: LocalKms) -> dict[str, float]:
-    with urllib.request.urlopen(kms.url + "/metrics", timeout=10) as r:
-        return parse_metrics(r.read().decode())
-
-
-def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {"name{labels}": value} (comments skipped)."""
-    values = {}
-    for line in text.splitlines():
-        m = METRIC_LINE.match(line)
-        if m:
-            values[m.group(1)] = float(m.group(2))
-    return values
-
-
-def metric_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
-    return after.get(name, 0.0) - before.get(name, 0.0)
 
 
 # -- The clients ----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ import gc
 import json
 import os
 import platform
+import re
 import signal
 import socket
 import subprocess
@@ -36,6 +37,8 @@ KEYUTIL = str(VENV_BIN / "keyutil")
 MOCK_KMS = str(VENV_BIN / "mock-kms")
 
 Op = Callable[[], object]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
 
 
 def environment() -> dict[str, Any]:
@@ -100,6 +103,42 @@ def proc_memory_kib(pid: int) -> dict[str, int]:
             if name in ("VmRSS", "VmHWM"):
                 values[name] = int(rest.split()[0])  # "  12345 kB"
     return values
+
+
+def cpu_seconds(pid: int, *, with_children: bool = False) -> float:
+    """utime + stime of a live process, from /proc; with ``with_children``, plus those of its
+    live children (socat forks one per connection). A child gone meanwhile counts 0."""
+    pids = [pid]
+    if with_children:
+        try:
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+            pids += [int(c) for c in children]
+        except OSError:
+            pass
+    total = 0.0
+    for p in pids:
+        try:
+            fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            if p == pid:
+                raise
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    """Prometheus text exposition -> {"name{labels}": value} (comments skipped)."""
+    values = {}
+    for line in text.splitlines():
+        m = METRIC_LINE.match(line)
+        if m:
+            values[m.group(1)] = float(m.group(2))
+    return values
+
+
+def metric_delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
 
 
 class LocalKms:
@@ -185,3 +224,9 @@ class LocalKms:
 
     def log_has_traceback(self) -> bool:
         return "Traceback" in self.log_path.read_text(errors="replace")
+
+
+def server_metrics(kms: LocalKms) -> dict[str, float]:
+    """The KMS's ``/metrics`` now, parsed."""
+    with urllib.request.urlopen(kms.url + "/metrics", timeout=10) as r:
+        return parse_metrics(r.read().decode())

@@ -52,8 +52,17 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_release import cpu_seconds, metric_delta, server_metrics
-from benchlib import VENV_BIN, LocalKms, environment, free_port, percentile, proc_memory_kib
+from benchlib import (
+    VENV_BIN,
+    LocalKms,
+    cpu_seconds,
+    environment,
+    free_port,
+    metric_delta,
+    percentile,
+    proc_memory_kib,
+    server_metrics,
+)
 
 from keyutil import protocol
 from keyutil.client import ReleaseError, ReleaseRequest, exchange
