@@ -530,7 +530,7 @@ def release_keys(
         "released",
         {
             "keys": [k.name for k in release.keys],
-            "application": release.application,
+            "application": protocol.application_text(release.application),
             "os_image_hash": release.os_image_hash,
             "attempts": release.attempts,
         },

@@ -368,7 +368,9 @@ def identity(state_dir: Path) -> None:
     envvar="MOCK_KMS_REQUEST_TIMEOUT",
     help="Close a connection whose request is not whole this many seconds after its first byte.",
 )
-@click.option("-v", "--verbose", count=True, help="Log each request's outcome (-v) and more (-vv).")
+@click.option(
+    "-v", "--verbose", count=True, help="Debug logs too (start, stop and releases are INFO)."
+)
 @click.option(
     "--log-format",
     type=click.Choice(["text", "json"]),
