@@ -383,7 +383,8 @@ def _retrying(
         if left < policy.min_attempt_time:
             raise KmsUnavailable(
                 last.code,
-                f"KMS unavailable for {deadline_s:g} s ({n} attempts); last: {last.message}",
+                f"KMS unavailable for {max(0.0, deadline_s):.3g} s ({n} attempts); "
+                f"last: {last.message}",
             ) from None
         delay = min(backoff_delay(n, policy, rand), left - policy.min_attempt_time)
         log(
