@@ -16,7 +16,6 @@ a warning, with the nearest real name.
 
 from __future__ import annotations
 
-import difflib
 import os
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -65,6 +64,8 @@ def warn_unknown_envvars(
     """Warn on stderr about each ``PREFIX_*`` variable that nothing reads; returns them."""
     known = set(known)
     unknown = sorted(n for n in environ if n.startswith(prefix + "_") and n not in known)
+    if unknown:
+        import difflib  # only when there is something to say: keyutil starts at every boot
     for name in unknown:
         near = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
         hint = f" (did you mean {near[0]}?)" if near else ""

@@ -145,7 +145,12 @@ def failure_cases(tmp: Path, busy_port: int) -> list[tuple[list[str], int, str]]
          f"cannot read {key}: Is a directory"),
         ([KEYUTIL, "attest", "--nsm", "simulator", "--sim-dir", str(tmp / "none")], 5,
          "keyutil sim init"),
+        ([KEYUTIL, "proxy", "--listen", "bogus", "--to", "127.0.0.1:1"], 2,
+         "Invalid value for --listen"),
+        ([KEYUTIL, "no-such-command"], 2, "No such command"),
         # mock-kms
+        ([MOCK_KMS, "identity", "--state-dir", "/dev/null/state"], 1,
+         "/dev/null/state"),  # the path named, in one line
         ([MOCK_KMS, "serve", *state, "--port", str(busy_port)], 3,
          "Address already in use; another process listens there"),
         ([MOCK_KMS, "serve", *state, "--host", "bad..host"], 2, "Invalid value for --host"),
@@ -165,6 +170,8 @@ def failure_cases(tmp: Path, busy_port: int) -> list[tuple[list[str], int, str]]
          "Invalid value for --root"),
         ([MOCK_KMS, "verify-attestation", str(tmp / "missing")], 2, "No such file or directory"),
         # kms-gov
+        ([KMS_GOV, "add-image", "--measurements", str(tmp / "none.json"), "--app", "a"], 2,
+         "No such file or directory"),
         ([KMS_GOV, "check", "0x1234", "--rpc-url", "http://127.0.0.1:1", "--contract",
           ADDRESS], 2, "64 hex digits"),
         ([KMS_GOV, "check", IMAGE, "--rpc-url", "http://127.0.0.1:1", "--contract", ADDRESS,
