@@ -10,6 +10,7 @@ import os
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -99,7 +100,9 @@ def test_the_units_command_serves_and_stops_cleanly_on_its_kill_signal(tmp_path:
     argv = shlex.split(exec_start.replace("${STATE_DIRECTORY}", str(state)))
     assert argv[0] == "/usr/local/bin/mock-kms"
     serve_args_parse(argv[1:])
-    port = 20000 + os.getpid() % 20000
+    with socket.socket() as probe:  # a free port (closed again for mock-kms to bind)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
     env = {k: v for k, v in os.environ.items() if not k.startswith("MOCK_KMS_")}
     proc = subprocess.Popen(
         [str(BIN / "mock-kms"), *argv[1:], "--port", str(port)],
