@@ -121,7 +121,7 @@ class SignerKeyring:
         account: LocalAccount = Account.create()
         with self._lock:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            stamp = max(int(self._clock() * 1000), *(int(c) + 1 for c, _, _ in self._files()))
+            stamp = max([int(self._clock() * 1000), *(int(c) + 1 for c, _, _ in self._files())])
             path = self.directory / f"{stamp:013d}-{account.address}.key"
             _write_secret(path, ("0x" + bytes(account.key).hex() + "\n").encode())
         return str(account.address)
