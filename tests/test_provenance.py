@@ -385,3 +385,66 @@ def test_secp256k1_public_key_matches_cryptography_point() -> None:
     point = key.public_key().public_bytes(serialization.Encoding.X962,
                                           serialization.PublicFormat.UncompressedPoint)
     assert keytypes.get("secp256k1").public(seed) == "0x" + point.hex()
+
+
+# --- the enclave's check of the statements in an answer ------------------------------------
+
+
+def _answer_for(issuer: ProvenanceIssuer, state: KmsState, key: p.KeyRequest,
+                app: bytes = APP_A) -> tuple[Any, Any]:
+    from keyutil.client import ReleasedKey, ReleaseRequest
+
+    request = ReleaseRequest(keys=(key,), suite=p.SUITE_X25519, identity=pin(state))
+    released = ReleasedKey(key.name, bytearray(state.derive_key(app, key)), key.type)
+    answer = {"application": "0x" + app.hex(),
+              "keys": [{**key.to_json(), "provenance": issuer.issue(app, key)}]}
+    return request, (released, answer)
+
+
+def test_enclave_accepts_its_own_statement(state: KmsState, issuer: ProvenanceIssuer) -> None:
+    from keyutil.client import check_statements
+
+    request, (released, answer) = _answer_for(issuer, state, wallet()[1])
+    (statement,) = check_statements(request, [released], answer)
+    assert statement.address == Account.from_key(bytes(released.value)).address
+
+
+@pytest.mark.parametrize("tamper", ["another_key", "another_app", "unsigned", "garbage"])
+def test_enclave_rejects_a_statement_not_about_its_key(
+    state: KmsState, issuer: ProvenanceIssuer, tamper: str
+) -> None:
+    from keyutil.client import AnswerRejected, check_statements
+
+    key = wallet()[1]
+    request, (released, answer) = _answer_for(issuer, state, key)
+    entry = answer["keys"][0]
+    if tamper == "another_key":
+        entry["provenance"] = issuer.issue(APP_A, p.KeyRequest("other", 32, "secp256k1"))
+    elif tamper == "another_app":
+        entry["provenance"] = issuer.issue(APP_B, key)
+    elif tamper == "unsigned":
+        entry["provenance"] = {**entry["provenance"], "signature": p.b64e(bytes(64))}
+    else:
+        entry["provenance"] = {"v": 1}
+    with pytest.raises(AnswerRejected) as info:
+        check_statements(request, [released], answer)
+    assert info.value.code == "answer_provenance_invalid"
+
+
+def test_provenance_endpoint_is_not_found_without_an_issuer(tmp_path: Path) -> None:
+    import io
+
+    from mock_kms.allowlist import EmbeddedAllowlist
+    from mock_kms.server import KmsApp
+    from mock_kms.service import ReleaseService
+    from mock_kms.verifier import AttestationVerifier
+
+    service = ReleaseService(verifier=AttestationVerifier.aws(),
+                             allowlist=EmbeddedAllowlist.create(),
+                             state=KmsState.load_or_create(tmp_path / "state"))
+    status: list[str] = []
+    environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/v1/provenance",
+               "QUERY_STRING": "application=a&name=w&type=ed25519",
+               "wsgi.input": io.BytesIO()}
+    body = json.loads(b"".join(KmsApp(service)(environ, lambda s, h: status.append(s))))
+    assert status[0].startswith("404") and body["error"] == "not_found"
