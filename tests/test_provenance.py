@@ -448,3 +448,44 @@ def test_provenance_endpoint_is_not_found_without_an_issuer(tmp_path: Path) -> N
                "wsgi.input": io.BytesIO()}
     body = json.loads(b"".join(KmsApp(service)(environ, lambda s, h: status.append(s))))
     assert status[0].startswith("404") and body["error"] == "not_found"
+
+
+# --- the worked example of docs/protocol.md ------------------------------------------------
+
+VECTOR = Path(__file__).parent / "vectors" / "provenance-secp256k1.json"
+VECTOR_PIN = "ed25519:iojj3XQJ8ZX9UtstPLpdcspnCb8dlBIb83SIAbQPb1w="
+
+
+def test_the_documented_statement_verifies_step_by_step_as_docs_describe() -> None:
+    """docs/protocol.md's example, checked the way another language would: by its bytes."""
+    import base64
+
+    from eth_account.messages import encode_typed_data
+    from eth_utils.crypto import keccak
+
+    statement = json.loads(VECTOR.read_text())
+    # 1. Ed25519 over the context, a zero byte and the canonical JSON without "signature".
+    body = {k: v for k, v in statement.items() if k != "signature"}
+    signed = b"nitro-keyrelease/v1/provenance\x00" + json.dumps(
+        body, sort_keys=True, separators=(",", ":")).encode()
+    identity = ed25519.Ed25519PublicKey.from_public_bytes(
+        base64.b64decode(VECTOR_PIN.removeprefix("ed25519:")))
+    identity.verify(base64.b64decode(statement["signature"]), signed)
+    # 2. EIP-712: the digests docs/protocol.md prints, and ecrecover gives the signer.
+    signable = encode_typed_data(full_message=provenance.statement_eip712(
+        parse_statement(statement)))
+    assert signable.header.hex() == (
+        "15f1d49ae88d370d1e3d366d24c7b39df9cf234215f73e14eb29ecd056bbde3f")
+    assert signable.body.hex() == (
+        "7ede1846548e81c1e55a4d4a9d462489237ae5f3e90a13897d731d8a6fda8cd8")
+    assert keccak(b"\x19\x01" + signable.header + signable.body).hex() == (
+        "ac6da105c4c464d1f8ca0d14f413d640e9ee86009a58db17381760b834d35509")
+    assert Account.recover_message(
+        signable, signature=bytes.fromhex(statement["signer_signature"][2:])
+    ) == statement["signer"]
+    # 3. The account is keccak-256 of x || y, last 20 bytes.
+    point = bytes.fromhex(statement["public_key"][4:])
+    assert keccak(point)[12:].hex() == statement["address"][2:].lower()
+    docs = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
+    assert statement["signature"] in docs and statement["signer_signature"] in docs
+    assert verify_statement(statement, p.parse_identity(VECTOR_PIN)).signer_checked
