@@ -318,7 +318,8 @@ def _identity_text(value: str | None) -> str | None:
     multiple=True,
     default=["raw"],
     help="Key type: raw (bytes), age (an AGE-SECRET-KEY-1 identity file, as 'age -d -i' "
-    "reads it); once for all keys, or once per --key in order.",
+    "reads it), ed25519 or secp256k1 (signing keys, see --key-format and --provenance-out); "
+    "once for all keys, or once per --key in order.",
 )
 @click.option(
     "--suite",

@@ -171,6 +171,13 @@ def test_secp256k1_account_with_provenance_on_anvil_and_signer_rotation(
         time.sleep(0.6)
         status, error = _fetch(query)
         assert (status, error["error"]) == (503, "signer_unavailable")
+
+        # No secret in the KMS's log or audit log: not the signer keys, not the account's key.
+        logs = s.kms_log.read_bytes() + s.audit.read_bytes()
+        for key_file in (s.state / "signers").iterdir():
+            assert key_file.read_text().strip()[2:].encode() not in logs
+        assert key.read_text()[2:].encode() not in logs
+        assert first.encode() in logs or second.encode() in logs  # addresses are fine
     finally:
         s.close()
 
