@@ -489,3 +489,29 @@ def test_the_documented_statement_verifies_step_by_step_as_docs_describe() -> No
     docs = (Path(__file__).parent.parent / "docs" / "protocol.md").read_text()
     assert statement["signature"] in docs and statement["signer_signature"] in docs
     assert verify_statement(statement, p.parse_identity(VECTOR_PIN)).signer_checked
+
+
+def test_verifying_statements_never_imports_web3_and_ed25519_needs_no_eth(
+    tmp_path: Path, state: KmsState, issuer: ProvenanceIssuer
+) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, json\n"
+        "from keyutil import provenance, protocol\n"
+        "pin = protocol.parse_identity(sys.argv[2])\n"
+        "provenance.verify_statement(open(sys.argv[1], 'rb').read(), pin)\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & "
+        "{'web3', 'mock_kms', 'eth_account', 'eth_keys', 'requests'}))\n"
+    )
+    ed = tmp_path / "ed25519.json"
+    ed.write_bytes(parse_statement(issuer.issue(APP_A, p.KeyRequest("s", 32, "ed25519")))
+                   .to_bytes())
+    for path, pin_text, expected in (
+        (ed, state.identity_text, "[]"),
+        (VECTOR, VECTOR_PIN, "['eth_account', 'eth_keys']"),
+    ):
+        out = subprocess.run([sys.executable, "-c", code, str(path), pin_text],
+                             capture_output=True, text=True, check=True).stdout
+        assert out.strip() == expected
