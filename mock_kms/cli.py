@@ -392,6 +392,9 @@ def serve(
     try:
         issuer = _make_issuer(state_dir, state, allowlist, rpc_url, contract, chain_id,
                               rpc_timeout, revocation_delay)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot use the signer keys in {state_dir}: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
     except KmsError as e:
         click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
         sys.exit(EXIT_INVALID)

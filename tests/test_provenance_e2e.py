@@ -282,3 +282,15 @@ def test_mock_kms_signer_show_and_new(tmp_path: Path) -> None:
     done = subprocess.run([MOCK_KMS, "signer", "new", "--state-dir", str(blocked)],
                           capture_output=True, timeout=60)
     assert done.returncode == 1 and b"cannot write the signer key" in done.stderr
+
+
+def test_serve_with_an_unusable_signer_directory_exits_1(tmp_path: Path) -> None:
+    s = Setup(tmp_path)
+    try:
+        (s.state / "signers").write_text("")  # where the key directory should be
+        kms = s.kms().start()
+        assert kms.proc is not None
+        assert kms.proc.wait(60) == 1
+        assert "cannot use the signer keys" in s.kms_log.read_text()
+    finally:
+        s.close()
