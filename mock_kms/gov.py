@@ -316,8 +316,8 @@ def deploy(owner: str | None, rpc_url: str | None, chain_id: int | None, timeout
               help="Application id: 0x + 64 hex digits, or a name of 1..32 printable ASCII "
               "characters (stored left-aligned, zero-padded). [env KMS_GOV_APP]")
 @click.option("--measurements", type=click.File("r"), metavar="FILE|-",
-              help="nitro-cli build-enclave / describe-eif JSON; the hash is "
-              "sha256(PCR0||PCR1||PCR2). '-' reads stdin.")
+              help="nitro-cli build-enclave / describe-eif JSON (stdout only, not 2>&1); "
+              "the hash is sha256(PCR0||PCR1||PCR2) of 48-byte SHA-384 PCRs. '-' reads stdin.")
 @_contract_option
 @_signing_options
 @_connection_options
