@@ -8,6 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from test_os_image_hash_script import nitro_cli_like_documents
 
 from keyutil.measurements import (
     MeasurementError,
@@ -172,3 +175,19 @@ def test_deep_nesting_is_refused_before_parsing_where_web3_raised_the_recursion_
     deep_in_strings = json.dumps({"x": "[" * 1000, "Measurements": {"PCR0": PCR0,
                                                                      "PCR1": PCR1, "PCR2": PCR2}})
     assert os_image_hash(*pcrs_from_nitro_cli(deep_in_strings)) == EXPECTED
+
+
+# --- whatever the input, a tuple of three 48-byte PCRs or a MeasurementError -----------------
+
+bracket_soup = st.text(alphabet='[]{}"\\:, a0', max_size=3000)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(nitro_cli_like_documents(), st.text(), bracket_soup,
+                 bracket_soup.map(lambda t: "[" * 600 + t)))
+def test_any_text_gives_pcrs_or_a_measurement_error(text: str) -> None:
+    try:
+        pcrs = pcrs_from_nitro_cli(text)
+    except MeasurementError:
+        return
+    assert [len(p) for p in pcrs] == [48, 48, 48]
