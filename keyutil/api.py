@@ -71,6 +71,7 @@ def get_key(
     kms_pubkey: str | None = None,
     keys: Sequence[str] = (DEFAULT_KEY_NAME,),
     lengths: Sequence[int] = (DEFAULT_KEY_LENGTH,),
+    types: Sequence[str] = ("raw",),
     suite: Suite = "x25519",
     deadline: float = 60.0,
     nsm: NsmKind = "auto",
@@ -83,7 +84,8 @@ def get_key(
 
     ``kms`` is a URL as ``--kms`` takes it (``vsock://3:8000``, ``http://127.0.0.1:8420``,
     ``https://kms.example.com``, ``unix:///run/kms.sock``); ``kms_pubkey`` the pinned
-    identity, ``ed25519:BASE64`` or ``@FILE``; ``lengths`` one for all keys or one per key;
+    identity, ``ed25519:BASE64`` or ``@FILE``; ``lengths`` and ``types`` (``raw``, ``age``,
+    ``ed25519``, ``secp256k1``: what ``--type`` takes) one for all keys or one per key;
     ``deadline`` the seconds the whole release may take, retries included; ``nsm`` and
     ``sim_dir`` where attestation documents come from; ``log(level, event, fields)``
     receives the same events as ``keyutil get-key``'s log (never key material).
@@ -102,7 +104,8 @@ def get_key(
     identity = pinned_identity(kms_pubkey, insecure_skip_kms_auth)
     try:
         request = ReleaseRequest.build(
-            keys, lengths=tuple(lengths), suite=suites[suite], identity=identity
+            keys, lengths=tuple(lengths), types=tuple(types), suite=suites[suite],
+            identity=identity,
         )
     except ProtocolError as e:
         raise ValueError(e.message) from None

@@ -416,8 +416,6 @@ def serve(
           --allow-image "$(jq -r .os_image_hash /tmp/sim/enclave.json)=my-app"
     """
     from mock_kms.server import KmsApp, ServerSettings
-    from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
-    from mock_kms.state import KmsState
 
     group_verbose = click.get_current_context().find_root().params.get("verbose", 0)
     _setup_logging(group_verbose + verbose, log_format, base=logging.INFO)
@@ -439,30 +437,14 @@ def serve(
     starting = _Starting()
     server = _bind(starting, settings)
     try:
-        state = KmsState.load_or_create(state_dir)
-        allowlist = _make_allowlist(
-            rpc_url, contract, chain_id, confirmations, revocation_delay, rpc_timeout, images
+        service = _start_service(
+            state_dir, images, rpc_url, contract, chain_id, confirmations, revocation_delay,
+            rpc_timeout, trust_roots, no_aws_root, max_age, allow_debug, audit_log,
+            nonce_lifetime,
         )
-        verifier = _make_verifier(trust_roots, "--trust-root", no_aws_root, max_age, allow_debug)
-        audit = AuditLog(audit_log)
-    except OSError as e:
-        server.close()
-        click.echo(f"mock-kms: cannot open the audit log: {e.strerror}", err=True)
-        sys.exit(EXIT_INVALID)
-    except KmsError as e:
-        server.close()
-        click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
-        sys.exit(EXIT_INVALID)
-    except BaseException:
+    except BaseException:  # a one-line exit (SystemExit) or Ctrl-C while the chain starts
         server.close()
         raise
-    service = ReleaseService(
-        verifier=verifier,
-        allowlist=allowlist,
-        state=state,
-        settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
-        audit=audit,
-    )
     starting.app = KmsApp(service, max_body=settings.max_body)
     # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
     # handler would pull them from under the select() that run() is blocked in.
@@ -476,7 +458,7 @@ def serve(
     signal.signal(signal.SIGINT, interrupt)
     where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{server.effective_port}"
     try:
-        logger.info("mock-kms serving on %s, identity %s", where, state.identity_text)
+        logger.info("mock-kms serving on %s, identity %s", where, service.state.identity_text)
         if allow_debug:
             logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
         server.run()  # returns (waitress swallows the interrupt) or raises it
@@ -487,6 +469,58 @@ def serve(
         server.close()
     if stopped_by[:1] == [signal.SIGINT]:
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _start_service(
+    state_dir: Path,
+    images: Sequence[tuple[bytes, bytes]],
+    rpc_url: str | None,
+    contract: str | None,
+    chain_id: int | None,
+    confirmations: int,
+    revocation_delay: float,
+    rpc_timeout: float,
+    trust_roots: Sequence[Path],
+    no_aws_root: bool,
+    max_age: float,
+    allow_debug: bool,
+    audit_log: Path | None,
+    nonce_lifetime: float,
+) -> Any:
+    """The release service, or one line and exit 1 (state, chain, roots, audit log, signer)."""
+    from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
+    from mock_kms.state import KmsState
+
+    try:
+        state = KmsState.load_or_create(state_dir)
+        allowlist = _make_allowlist(
+            rpc_url, contract, chain_id, confirmations, revocation_delay, rpc_timeout, images
+        )
+        verifier = _make_verifier(trust_roots, "--trust-root", no_aws_root, max_age, allow_debug)
+        audit = AuditLog(audit_log)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot open the audit log: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    except KmsError as e:
+        click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
+        sys.exit(EXIT_INVALID)
+    try:
+        issuer = _make_issuer(state_dir, state, allowlist, rpc_url, contract, chain_id,
+                              rpc_timeout, revocation_delay)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot use the signer keys in {state_dir}: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    except KmsError as e:
+        click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
+        sys.exit(EXIT_INVALID)
+    return ReleaseService(
+        verifier=verifier,
+        allowlist=allowlist,
+        state=state,
+        settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
+        audit=audit,
+        provenance=issuer,
+    )
 
 
 class _Starting:
@@ -629,6 +663,89 @@ def _make_allowlist(
             e.message,
         )
     return reader
+
+
+# -- provenance statements and the secp256k1 signer (issue 12) -------------------------------
+
+
+def _make_issuer(state_dir: Path, state: Any, allowlist: Any, rpc_url: str | None,
+                 contract: str | None, chain_id: int | None, rpc_timeout: float,
+                 revocation_delay: float) -> Any:
+    """The provenance issuer: the signer keys of ``state_dir``, and which one is registered.
+
+    Embedded chain: this KMS owns the contract, so it registers its newest signer key at
+    start (nothing else can change it later). RPC: governance registers one with kms-gov
+    set-signer; the KMS reads it (cached for the revocation delay) and signs with that key."""
+    from mock_kms import chain, signer
+    from mock_kms.provenance import ProvenanceIssuer, SignerChoice
+
+    ring = signer.SignerKeyring(state_dir)
+    newest = ring.newest(create=True)
+    assert newest is not None
+    log = logging.getLogger("mock_kms")
+    if rpc_url is None:
+        tx = signer.set_signer_request(allowlist.contract_address, newest)
+        chain.send(allowlist.w3, tx, sender=allowlist.owner)
+        log.warning("embedded chain: signer %s registered", newest)
+        registered = signer.RegisteredSigner(read=lambda: newest, max_staleness=float("inf"))
+        return ProvenanceIssuer(state, allowlist.chain_id, allowlist.contract_address,
+                                SignerChoice(registered, ring))
+    from web3 import Web3
+    from web3.providers.rpc import HTTPProvider
+
+    assert contract is not None and chain_id is not None
+    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": rpc_timeout},
+                           exception_retry_configuration=None), middleware=[])
+    address = chain.parse_address(contract)
+    registered = signer.RegisteredSigner(read=lambda: signer.read_signer(w3, address),
+                                         max_staleness=revocation_delay)
+    log.warning("secp256k1 signer keys: %s (register one with kms-gov set-signer)",
+                ", ".join(ring.addresses()))
+    return ProvenanceIssuer(state, chain_id, address, SignerChoice(registered, ring))
+
+
+@cli.group("signer")
+def signer_group() -> None:
+    """The KMS's secp256k1 signer keys (they sign secp256k1 provenance statements).
+
+    \b
+    Rotation:
+      mock-kms signer new --state-dir DIR       # prints the new address
+      kms-gov set-signer ADDRESS                # the KMS signs with it from then on
+    """
+
+
+@signer_group.command("show")
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def signer_show(state_dir: Path, as_json: bool) -> None:
+    """Print the newest signer's address (made on first use), to register with kms-gov."""
+    from mock_kms.signer import SignerKeyring
+
+    ring = SignerKeyring(state_dir)
+    try:
+        newest = ring.newest(create=True)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot use {ring.directory}: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    if as_json:
+        click.echo(json.dumps({"signer": newest, "signers": ring.addresses()}))
+    else:
+        click.echo(newest)
+
+
+@signer_group.command("new")
+@state_dir_option
+def signer_new(state_dir: Path) -> None:
+    """Make another signer key (rotation) and print its address; the old keys stay, so the
+    KMS keeps signing with the registered one until governance registers the new one."""
+    from mock_kms.signer import SignerKeyring
+
+    try:
+        click.echo(SignerKeyring(state_dir).new())
+    except OSError as e:
+        click.echo(f"mock-kms: cannot write the signer key: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
 
 
 def _read_input(file: str) -> bytes:

@@ -40,12 +40,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from keyutil import protocol
+from keyutil import keytypes, protocol
 from keyutil.protocol import KeyRequest, ProtocolError
 from mock_kms.allowlist import Allowlist, require_allowed
 from mock_kms.chain import format_application
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
+from mock_kms.provenance import ProvenanceIssuer, has_statement
 from mock_kms.state import KmsState
 from mock_kms.verifier import AttestationVerifier, VerifiedAttestation
 
@@ -177,7 +178,13 @@ class ReleaseRequest:
             for item in raw_keys[: protocol.MAX_KEYS + 1]:
                 if not isinstance(item, Mapping):
                     raise ProtocolError("bad_request", "keys: expected objects {name, length}")
-                keys.append(KeyRequest(item.get("name"), item.get("length")))  # type: ignore[arg-type]
+                keys.append(
+                    KeyRequest(
+                        item.get("name"),  # type: ignore[arg-type]
+                        item.get("length"),  # type: ignore[arg-type]
+                        item.get("type", keytypes.DEFAULT_TYPE),
+                    )
+                )
             attestation = protocol.b64d(
                 body.get("attestation"),
                 "attestation",
@@ -342,6 +349,7 @@ class ReleaseService:
         settings: ReleaseSettings | None = None,
         audit: AuditLog | None = None,
         clock: Clock = time.time,
+        provenance: ProvenanceIssuer | None = None,
     ) -> None:
         self.verifier = verifier
         self.allowlist = allowlist
@@ -349,6 +357,8 @@ class ReleaseService:
         self.settings = settings or ReleaseSettings()
         self.audit = audit or AuditLog(None)
         self.clock = clock
+        # Issues the provenance statement of each typed key (None: releases carry none).
+        self.provenance = provenance
         self.nonces = NonceBook(state.nonce_key, self.settings, clock)
 
     def challenge(self) -> dict[str, Any]:
@@ -412,6 +422,8 @@ class ReleaseService:
                 }
             )
             del secret
+            if self.provenance is not None and has_statement(key):
+                sealed[-1]["provenance"] = self.provenance.issue(application, key)
         body_out = {
             "version": protocol.PROTOCOL_VERSION,
             "suite": request.suite,
