@@ -242,7 +242,8 @@ kms_option = click.option(
     "kms_url",
     required=True,
     envvar="KEYUTIL_KMS",
-    help="The KMS: http://HOST:PORT, https://HOST:PORT, unix:///PATH or vsock://CID:PORT.",
+    help="The KMS: http://HOST:PORT, https://HOST[:PORT] (443), unix:///PATH or "
+    "vsock://CID:PORT.",
 )
 kms_ca_option = click.option(
     "--kms-ca",
