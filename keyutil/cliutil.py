@@ -94,6 +94,8 @@ def run(
             standalone_mode=False,
         )
     except SystemExit as e:
+        if isinstance(e.code, str):  # sys.exit("message"): said, as Python would say it
+            click.echo(e.code, err=True)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except click.exceptions.Exit as e:
         return e.exit_code

@@ -327,6 +327,17 @@ def test_an_unexpected_exception_is_one_line_and_exit_70(capsys: pytest.CaptureF
     assert capsys.readouterr().err == "buggy: internal error: RuntimeError: boom (please report it)\n"
 
 
+def test_an_exit_with_a_message_says_it(capsys: pytest.CaptureFixture[str]) -> None:
+    import click
+
+    @click.command()
+    def quits() -> None:
+        sys.exit("quits: cannot go on")
+
+    assert cliutil.run(quits, [], prog_name="quits", prefix="QUITS") == 1
+    assert capsys.readouterr().err == "quits: cannot go on\n"
+
+
 # -- Item 10: one exit-code table for the three commands ------------------------------------
 
 
