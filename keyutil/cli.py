@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import click
 
+from keyutil.cliutil import EXIT_INTERRUPTED, option_envvars, run, version_option
 from keyutil.nsm import NsmError, NsmKind, open_nsm
 
 EXIT_OK = 0
@@ -81,13 +82,15 @@ sim_dir_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@version_option("keyutil")
 def cli() -> None:
     """Attested key release inside an AWS Nitro Enclave.
 
     \b
     Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
     4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
-    7 output error, 8 network set-up error (net-up).
+    7 output error, 8 network set-up error (net-up), 130 interrupted (Ctrl-C).
+    Every option is also an environment variable: its name is shown in each --help.
     """
 
 
@@ -175,7 +178,8 @@ def sim_init(
             directory, pcr0=pcr0, pcr1=pcr1, pcr2=pcr2, debug=debug, module_id=module_id
         )
     except NsmError as e:
-        _fail(EXIT_USAGE if e.code == "sim_exists" else EXIT_NSM, f"{e.code}: {e.message}")
+        usage = e.code in ("sim_exists", "sim_invalid")  # an existing directory, a bad id
+        _fail(EXIT_USAGE if usage else EXIT_NSM, f"{e.code}: {e.message}")
         return
     except OSError as e:
         _fail(EXIT_OUTPUT, f"cannot create {directory}: {e.strerror}")
@@ -238,7 +242,8 @@ kms_option = click.option(
     "kms_url",
     required=True,
     envvar="KEYUTIL_KMS",
-    help="The KMS: http://HOST:PORT, https://HOST:PORT, unix:///PATH or vsock://CID:PORT.",
+    help="The KMS: http://HOST:PORT, https://HOST[:PORT] (443), unix:///PATH or "
+    "vsock://CID:PORT.",
 )
 kms_ca_option = click.option(
     "--kms-ca",
@@ -268,19 +273,6 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
     except ssl.SSLError as e:
         raise click.BadParameter(
             f"cannot load CA file: {e.reason}", param_hint="--kms-ca"
-        ) from None
-
-
-def _identity_text(value: str | None) -> str | None:
-    """``ed25519:...`` as given, or read from ``@FILE``."""
-    if value is None or not value.startswith("@"):
-        return value
-    try:
-        return Path(value[1:]).read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or "not text"
-        raise click.BadParameter(
-            f"cannot read {value[1:]}: {reason}", param_hint="--kms-pubkey"
         ) from None
 
 
@@ -400,6 +392,7 @@ def get_key(
     started = time.monotonic()
     log = EventLog(log_format, verbose)
 
+    from keyutil.api import pinned_identity
     from keyutil.client import (
         AnswerRejected,
         KmsDenied,
@@ -412,16 +405,14 @@ def get_key(
 
     if sum((out is not None, out_dir is not None, to_stdout)) != 1:
         raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
+    if out is not None and len(key_names) > 1:
+        raise click.UsageError("--out writes one key; for several, give --out-dir DIR")
     if fmt != "raw" and not to_stdout:
         raise click.UsageError("--format applies to --stdout only")
-    identity = _identity_text(kms_pubkey)
-    if identity is None and not insecure_skip_kms_auth:
-        raise click.UsageError(
-            "--kms-pubkey (or KEYUTIL_KMS_PUBKEY) is required: without it a host could feed "
-            "this enclave a key of its choosing (--insecure-skip-kms-auth to skip, unsafely)"
-        )
-    if identity is not None and insecure_skip_kms_auth:
-        raise click.UsageError("give --kms-pubkey or --insecure-skip-kms-auth, not both")
+    try:  # the same checks as the Python API, keyutil.get_key
+        identity = pinned_identity(kms_pubkey, insecure_skip_kms_auth)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     try:
         request = ReleaseRequest.build(
             key_names,
@@ -599,8 +590,9 @@ def proxy(
     bytes_to_dest, bytes_to_client, duration_s and end: client_closed, dest_closed,
     idle_timeout, over_limit, destination_unreachable, refused, shutdown or error.
     \b
-    Exit codes: 0 stopped by SIGTERM/SIGINT, 2 usage or configuration (refused
-    destination, bad allowlist), 3 cannot listen (address in use, no vsock here).
+    Exit codes: 0 stopped by SIGTERM, 2 usage or configuration (refused
+    destination, bad allowlist), 3 cannot listen (address in use, no vsock here),
+    130 stopped by SIGINT (Ctrl-C), after the same clean shutdown.
     """
     from keyutil import proxy as p
 
@@ -640,9 +632,17 @@ def proxy(
         return
     import signal
 
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        server.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.stop())
+        signal.signal(signum, stop)
     server.serve()
+    if stopped_by[:1] == [signal.SIGINT]:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 @cli.command("net-up")
@@ -738,8 +738,12 @@ def verify_provenance(statement_file: str, kms_pubkey: str, application: str | N
     6 the statement is malformed or does not verify ({"error": CODE, ...} with --json).
     """
     from keyutil import protocol, provenance
+    from keyutil.api import pinned_identity
 
-    identity_text = _identity_text(kms_pubkey)
+    try:
+        identity_text = pinned_identity(kms_pubkey, insecure_skip_kms_auth=False)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--kms-pubkey") from None
     assert identity_text is not None
     try:
         identity = protocol.parse_identity(identity_text)
@@ -780,14 +784,14 @@ def verify_provenance(statement_file: str, kms_pubkey: str, application: str | N
             click.echo(f"{field:<13} {result[field]}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point; ``argv`` lets tests call the CLI in-process."""
-    cli.main(
-        args=list(argv) if argv is not None else None,
-        prog_name="keyutil",
-        auto_envvar_prefix="KEYUTIL",
-    )
+# Every option's variable, set on the option so that --help shows it (also under CliRunner).
+ENVVARS = option_envvars(cli, "KEYUTIL")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code. ``argv`` lets tests call the CLI in-process."""
+    return run(cli, argv, prog_name="keyutil", prefix="KEYUTIL")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

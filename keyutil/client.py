@@ -44,6 +44,8 @@ DEFAULT_KEY_LENGTH = 32
 HEX_32 = re.compile(r"\A0x[0-9a-fA-F]{64}\Z")
 MAX_SEALED_B64 = 4096  # HPKE enc (at most 97 bytes) + a 64-byte key + tag, in base64
 MAX_MESSAGE = 300
+# Unavailable, yet no retry can help: the peer does not speak TLS or fails its checks.
+NOT_RETRIED = frozenset({"tls_failed"})
 
 Log = Callable[[str, str, Mapping[str, Any]], None]
 """``log(level, event, fields)``; level is debug, info, warning or error."""
@@ -435,18 +437,26 @@ def _retrying(
         try:
             return attempt(n)
         except KmsUnavailable as e:
+            if e.code in NOT_RETRIED:
+                raise
             last = e
         left = deadline.left()
         if left < policy.min_attempt_time:
             raise KmsUnavailable(
                 last.code,
-                f"KMS unavailable for {deadline_s:g} s ({n} attempts); last: {last.message}",
+                f"KMS unavailable for {max(0.0, deadline_s):.3g} s ({n} attempts); "
+                f"last: {last.message}",
             ) from None
         delay = min(backoff_delay(n, policy, rand), left - policy.min_attempt_time)
         log(
             "warning",
             "kms_unavailable",
-            {"code": last.code, "message": last.message, "attempt": n, "retry_in_s": delay},
+            {
+                "code": last.code,
+                "message": last.message,
+                "attempt": n,
+                "retry_in_s": round(delay, 2),
+            },
         )
         sleep(delay)
 
@@ -564,7 +574,7 @@ def release_keys(
     deadline = _Clock(clock, deadline_s)
 
     def attempt(n: int) -> Release:
-        log("debug", "attempt", {"attempt": n, "time_left_s": round(deadline.left(), 3)})
+        log("debug", "attempt", {"attempt": n, "time_left_s": round(max(0.0, deadline.left()), 2)})
         return exchange(
             transport,
             nsm,
@@ -589,7 +599,7 @@ def release_keys(
         "released",
         {
             "keys": [k.name for k in release.keys],
-            "application": release.application,
+            "application": protocol.application_text(release.application),
             "os_image_hash": release.os_image_hash,
             "attempts": release.attempts,
         },

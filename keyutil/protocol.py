@@ -268,3 +268,17 @@ def verify_answer(identity: ed25519.Ed25519PublicKey, answer: Mapping[str, Any])
             "the KMS answer is not signed by the pinned KMS identity",
         ) from None
     return body
+
+
+def application_text(application: str) -> str:
+    """An application id (0x + 64 hex digits, as answers carry it) for people to read: its
+    name when it is a name padded with zero bytes (``demo-app``), else as given."""
+    try:
+        raw = bytes.fromhex(application.removeprefix("0x"))
+    except ValueError:
+        return application
+    name = raw.rstrip(b"\0")
+    printable = len(raw) == 32 and name and all(0x20 <= b <= 0x7E for b in name)
+    if printable and not name.startswith((b"0x", b"0X")):
+        return name.decode("ascii")
+    return application

@@ -6,6 +6,8 @@
 Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 
 =========================  ===================================================================
+``GET  /v1/live``          200 ``{"status": "live"}`` while the process serves (liveness: it
+                           never asks the chain; restart the process when this fails)
 ``GET  /v1/health``        200 ``{"status": "ready"}`` when the chain answers, the contract is
                            there and the secrets are loaded; 503 with the reason otherwise
 ``POST /v1/challenge``     a fresh nonce, single use, short-lived
@@ -13,7 +15,8 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 ``GET  /v1/identity``      ``{"identity": "ed25519:..."}``, the key enclaves pin
 ``GET  /v1/provenance``    ``?application=APP&name=NAME&type=TYPE``: the signed provenance
                            statement of a typed key (public; no attestation needed)
-``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms
+``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms,
+                           ``kms_build_info{version}`` and ``kms_ready`` (1 ready, 0 not)
 =========================  ===================================================================
 
 waitress is concurrent (a thread pool), bounds the request body and header sizes and caps
@@ -32,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mock_kms.config import LIMITS
@@ -89,12 +92,31 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.build_info = Gauge(
+            "kms_build_info", "The running version (always 1)", ["version"], registry=self.registry
+        )
+        self.build_info.labels(version=_version()).set(1)
+        # Evaluated at every scrape (set_function): 1 when /v1/health would answer ready.
+        self.ready = Gauge(
+            "kms_ready",
+            "1 when ready: secrets loaded, chain and contract answering; 0 otherwise",
+            registry=self.registry,
+        )
         self.release_latency = Histogram(
             "kms_release_seconds",
             "Whole release request time",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nitro-keyrelease")
+    except PackageNotFoundError:  # pragma: no cover - run from a tree that is not installed
+        return "unknown"
 
 
 def _status_line(status: int) -> str:
@@ -160,7 +182,9 @@ class KmsApp:
         self.service = service
         self.max_body = max_body
         self.metrics = Metrics()
+        self.metrics.ready.set_function(self._ready_value)
         self._routes: dict[tuple[str, str], Callable[[Environ], tuple[int, Any]]] = {
+            ("GET", "/v1/live"): lambda environ: (200, {"status": "live"}),
             ("GET", "/v1/health"): self._health,
             ("GET", "/v1/identity"): self._identity,
             ("POST", "/v1/challenge"): self._challenge,
@@ -237,6 +261,13 @@ class KmsApp:
     # -- handlers -----------------------------------------------------------------------------
     def _health(self, environ: Environ) -> tuple[int, Any]:
         return 200, self.service.ready()
+
+    def _ready_value(self) -> float:
+        try:
+            self.service.ready()
+        except KmsError:
+            return 0.0
+        return 1.0
 
     def _identity(self, environ: Environ) -> tuple[int, Any]:
         return 200, {"identity": self.service.state.identity_text}

@@ -43,6 +43,7 @@ from typing import Any
 from keyutil import keytypes, protocol
 from keyutil.protocol import KeyRequest, ProtocolError
 from mock_kms.allowlist import Allowlist, require_allowed
+from mock_kms.chain import format_application
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
 from mock_kms.provenance import ProvenanceIssuer, has_statement
@@ -450,9 +451,8 @@ class ReleaseService:
     ) -> dict[str, Any]:
         """The audit line for one decision: who, what image, which keys, never key bytes."""
         entry: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
-            .isoformat()
-            .replace("+00:00", "Z"),
+            # Epoch seconds under "ts", as in every log of keyutil, the proxy and the KMS.
+            "ts": round(self.clock(), 3),
             "outcome": outcome,
             "code": code,
         }
@@ -460,7 +460,7 @@ class ReleaseService:
             entry.update(
                 module_id=result.verified.module_id,
                 os_image_hash=result.verified.os_image_hash,
-                application="0x" + result.application.hex(),
+                application=format_application(result.application),
                 keys=list(result.key_names),
                 debug=result.verified.debug,
             )
