@@ -202,9 +202,16 @@ def _default_state_dir() -> Path:
     return Path(base) / "mock-kms"
 
 
+def _state_dir(ctx: click.Context, param: click.Parameter, value: Any) -> Path:
+    if not str(value):  # Path("") would be the working directory
+        raise click.BadParameter("expected a directory; found an empty value")
+    return Path(value)
+
+
 state_dir_option = click.option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
+    callback=_state_dir,
     default=_default_state_dir,
     show_default="$XDG_STATE_HOME/mock-kms",
     envvar="MOCK_KMS_STATE_DIR",

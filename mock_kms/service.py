@@ -255,7 +255,14 @@ class AuditLog:
 
     @staticmethod
     def _open(path: Path) -> int:
-        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symlink: whoever planted one would choose what the KMS appends to.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                e.strerror = f"{path} is a symbolic link; give the real path"
+            raise
 
     def _torn(self, fd: int) -> bool:
         """True (and logged) if the file's last byte is not a newline."""

@@ -21,6 +21,9 @@ application gets the same keys; different applications never share one.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import logging
 import os
 import secrets
 import stat
@@ -40,37 +43,84 @@ ROOT_SECRET_LENGTH = 32
 KEY_DERIVATION_SALT = b"nitro-keyrelease/v1/key"
 NONCE_KEY_INFO = b"nitro-keyrelease/v1/nonce-mac"
 
+logger = logging.getLogger(__name__)
+
 
 class StateError(UnavailableError):
     """The state directory cannot be read or created: the KMS cannot serve."""
 
 
-def _write_secret(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+def _problem(info: os.stat_result, *, is_dir: bool) -> str | None:
+    """What makes a state directory or file untrustworthy (None when nothing does)."""
+    if info.st_uid != os.geteuid():
+        return f"is owned by uid {info.st_uid}, not by this KMS's uid {os.geteuid()}"
+    mode = stat.S_IMODE(info.st_mode)
+    if is_dir and mode & 0o022:
+        return f"is writable by group or others (mode {mode:o}); expected 0700"
+    if not is_dir and mode & 0o077:
+        return f"is readable or writable by group or others (mode {mode:o}); expected 0600"
+    return None
+
+
+def _refuse(path: Path, problem: str) -> StateError:
+    return StateError(ErrorCode.STATE_INVALID, f"{path} {problem}")
+
+
+def _open_directory(directory: Path) -> tuple[int, bool]:
+    """The state directory opened without following a symlink (created 0700 if missing),
+    and whether it was created; StateError if it is not ours or is writable by others."""
+    created = False
+    if not os.path.lexists(directory):
+        directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(directory, 0o700)
+            created = True
+    if os.path.islink(directory):
+        raise _refuse(directory, "is a symbolic link; give the real directory")
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    problem = _problem(os.fstat(fd), is_dir=True)
+    if problem:
+        os.close(fd)
+        raise _refuse(directory, problem)
+    return fd, created
+
+
+def _write_secret(dir_fd: int, name: str, data: bytes) -> None:
+    tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
     try:
         os.write(fd, data)
         os.fsync(fd)
     finally:
         os.close(fd)
-    # link() fails if another process created the file first: both then use that one.
     try:
-        os.link(tmp, path)
-    except FileExistsError:
-        pass
+        os.link(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     finally:
-        os.unlink(tmp)
+        os.unlink(tmp, dir_fd=dir_fd)
 
 
-def _read_private(path: Path) -> bytes:
-    info = path.stat()
-    if stat.S_IMODE(info.st_mode) & 0o077:
-        raise StateError(
-            ErrorCode.STATE_INVALID,
-            f"{path} is readable by group or others (mode {stat.S_IMODE(info.st_mode):o}); "
-            "expected 0600",
-        )
-    return path.read_bytes()
+def _read_private(dir_fd: int, directory: Path, name: str) -> bytes:
+    path = directory / name
+    if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
+        raise _refuse(path, "is a symbolic link; the state files must be regular files")
+    fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise _refuse(path, "is not a regular file")
+        problem = _problem(info, is_dir=False)
+        if problem:
+            raise _refuse(path, problem)
+        return f.read(64 * 1024)
+
+
+def _exists(dir_fd: int, name: str) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 class KmsState:
@@ -89,26 +139,45 @@ class KmsState:
 
     @classmethod
     def load_or_create(cls, directory: Path) -> KmsState:
+        """The state in ``directory``, created (both files) if the directory holds neither.
+
+        Refused (StateError ``state_invalid``, naming the path and the problem): a directory
+        or file reached through a symlink, not owned by this process's uid, a directory
+        writable by group or others, a file readable or writable by them, and a directory
+        holding one of the two files only (a new root secret beside an old identity would
+        silently change every key). An flock on the directory serializes concurrent starts.
+        """
         try:
-            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            secret_path = directory / ROOT_SECRET_FILE
-            identity_path = directory / IDENTITY_FILE
-            if not secret_path.exists():
-                _write_secret(secret_path, secrets.token_bytes(ROOT_SECRET_LENGTH))
-            if not identity_path.exists():
-                key = ed25519.Ed25519PrivateKey.generate()
-                _write_secret(
-                    identity_path,
-                    key.private_bytes(
-                        serialization.Encoding.PEM,
-                        serialization.PrivateFormat.PKCS8,
-                        serialization.NoEncryption(),
-                    ),
+            dir_fd, _ = _open_directory(directory)
+            try:
+                fcntl.flock(dir_fd, fcntl.LOCK_EX)
+                present = {n for n in (ROOT_SECRET_FILE, IDENTITY_FILE) if _exists(dir_fd, n)}
+                if len(present) == 1:
+                    (missing,) = {ROOT_SECRET_FILE, IDENTITY_FILE} - present
+                    raise _refuse(
+                        directory / missing,
+                        f"is missing while {present.pop()} is there; restore it from a backup "
+                        "(a new one would change every key or the identity)",
+                    )
+                created = not present
+                if created:
+                    _write_secret(dir_fd, ROOT_SECRET_FILE, secrets.token_bytes(ROOT_SECRET_LENGTH))
+                    key = ed25519.Ed25519PrivateKey.generate()
+                    _write_secret(
+                        dir_fd,
+                        IDENTITY_FILE,
+                        key.private_bytes(
+                            serialization.Encoding.PEM,
+                            serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption(),
+                        ),
+                    )
+                root_secret = _read_private(dir_fd, directory, ROOT_SECRET_FILE)
+                identity = serialization.load_pem_private_key(
+                    _read_private(dir_fd, directory, IDENTITY_FILE), password=None
                 )
-            root_secret = _read_private(secret_path)
-            identity = serialization.load_pem_private_key(
-                _read_private(identity_path), password=None
-            )
+            finally:
+                os.close(dir_fd)
         except OSError as e:
             raise StateError(
                 ErrorCode.STATE_INVALID, f"state directory {directory}: {e.strerror}"
@@ -127,7 +196,12 @@ class KmsState:
                 f"{directory}/{ROOT_SECRET_FILE}: expected {ROOT_SECRET_LENGTH} bytes; "
                 f"found {len(root_secret)}",
             )
-        return cls(root_secret, identity)
+        state = cls(root_secret, identity)
+        if created:
+            logger.info(
+                "created a new KMS state in %s, identity %s", directory, state.identity_text
+            )
+        return state
 
     def _hkdf(self, info: bytes, length: int) -> bytes:
         return HKDF(
