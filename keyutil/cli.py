@@ -313,6 +313,14 @@ def _identity_text(value: str | None) -> str | None:
     help="Key length in bytes: once for all keys, or once per --key in order.",
 )
 @click.option(
+    "--type",
+    "key_types",
+    multiple=True,
+    default=["raw"],
+    help="Key type: raw (bytes), age (an AGE-SECRET-KEY-1 identity file, as 'age -d -i' "
+    "reads it); once for all keys, or once per --key in order.",
+)
+@click.option(
     "--suite",
     type=click.Choice(SUITE_CHOICES),
     default="x25519",
@@ -349,6 +357,7 @@ def get_key(
     kms_ca: str | None,
     key_names: tuple[str, ...],
     lengths: tuple[int, ...],
+    key_types: tuple[str, ...],
     suite: str,
     out: str | None,
     out_dir: str | None,
@@ -403,11 +412,16 @@ def get_key(
         request = ReleaseRequest.build(
             key_names,
             lengths=lengths,
+            types=key_types,
             suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
             identity=identity,
         )
     except ProtocolError as e:
         raise click.UsageError(e.message) from None
+    if fmt != "raw" and any(k.type != "raw" for k in request.keys):
+        raise click.UsageError("--format hex/base64 applies to raw keys only")
+    if out_dir is not None and len({k.name for k in request.keys}) != len(request.keys):
+        raise click.UsageError("--out-dir writes DIR/NAME: one type per key name")
     transport = _transport(kms_url, kms_ca)
     sink: Sink
     if out is not None:
@@ -441,12 +455,16 @@ def get_key(
     except AnswerRejected as e:
         log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code=e.code, message=e.message)
         return
+    # Typed keys are written as their type's file (an age identity), raw keys as bytes.
+    files = tuple(k if k.type == "raw" else k.private_file() for k in release.keys)
     try:
-        sink.write(release.keys)
+        sink.write(files)
     except OutputError as e:
         log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
     finally:
         release.wipe()
+        for k in files:
+            k.wipe()
     log(
         "info",
         "written",
