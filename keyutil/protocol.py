@@ -49,6 +49,27 @@ ANSWER_CONTEXT = b"nitro-keyrelease/v1/answer"
 IDENTITY_PREFIX = "ed25519:"
 
 
+MAX_ECHO = 64
+
+
+def echo(value: Any, limit: int = MAX_ECHO, *, quoted: bool = True) -> str:
+    """``value`` as a message or a log may echo it: text and bytes as an escaped repr (no
+    control character survives; ``quoted=False`` drops the quotes), numbers as written,
+    anything else by its type only, and cut to ``limit`` characters in all (ending in
+    ``...`` when cut)."""
+    if isinstance(value, str | bytes):
+        text = repr(value[:limit])
+        text = text if quoted else text[1 + isinstance(value, bytes) : -1]
+    elif value is None or isinstance(value, bool | int | float):
+        try:
+            text = repr(value)
+        except ValueError:  # an integer past Python's conversion limit
+            text = "a very large integer"
+    else:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ProtocolError(ValueError):
     """A message does not have the form the protocol requires. ``code`` is stable."""
 
@@ -78,13 +99,13 @@ class KeyRequest:
             raise ProtocolError(
                 "bad_request",
                 "key name: expected 1 to 64 of A-Z a-z 0-9 . _ - (starting alphanumeric); "
-                f"found {self.name[:70]!r}",
+                f"found {echo(self.name)}",
             )
         if type(self.length) is not int or not MIN_KEY_LENGTH <= self.length <= MAX_KEY_LENGTH:
             raise ProtocolError(
                 "bad_request",
                 f"key length: expected {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} bytes; "
-                f"found {self.length!r}",
+                f"found {echo(self.length)}",
             )
         try:
             kind = keytypes.get(self.type)
@@ -160,7 +181,7 @@ def hpke_suite(suite: str) -> hpke.Suite:
     if suite == SUITE_P384:
         return hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
     raise ProtocolError(
-        "bad_request", f"suite: expected one of {', '.join(SUITES)}; found {suite!r}"
+        "bad_request", f"suite: expected one of {', '.join(SUITES)}; found {echo(suite)}"
     )
 
 
@@ -174,7 +195,7 @@ def generate_recipient(suite: str) -> RecipientPrivateKey:
         return x25519.X25519PrivateKey.generate()
     if suite == SUITE_P384:
         return ec.generate_private_key(ec.SECP384R1())
-    raise ProtocolError("bad_request", f"suite: unknown {suite!r}")
+    raise ProtocolError("bad_request", f"suite: unknown {echo(suite)}")
 
 
 def recipient_public_bytes(key: RecipientPrivateKey) -> bytes:
@@ -208,7 +229,7 @@ def load_recipient_public(suite: str, data: bytes) -> RecipientPublicKey:
         raise ProtocolError(
             "public_key_invalid", f"attested public_key is not a {suite} key: {e}"
         ) from None
-    raise ProtocolError("bad_request", f"suite: unknown {suite!r}")
+    raise ProtocolError("bad_request", f"suite: unknown {echo(suite)}")
 
 
 def seal(

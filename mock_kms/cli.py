@@ -132,7 +132,8 @@ def cli(verbose: int) -> None:
 @click.option(
     "--allow-debug",
     is_flag=True,
-    help="UNSAFE: accept debug-mode enclaves (all-zero PCR0..2), readable by the host.",
+    help="UNSAFE: report debug-mode enclaves (all-zero PCR0..2, memory readable by the host) "
+    "as valid, with debug true, instead of refusing them (debug_enclave).",
 )
 @click.option(
     "--max-age",
@@ -300,7 +301,17 @@ def identity(state_dir: Path) -> None:
     "--allow-debug",
     is_flag=True,
     envvar="MOCK_KMS_ALLOW_DEBUG",
-    help="UNSAFE: release keys to debug-mode enclaves (logged at start and on every use).",
+    help="UNSAFE, development only: release keys to debug-mode enclaves (any image: their PCRs "
+    "are all zero, and the host can read their memory). They get --debug-app's keys from a "
+    "separate debug derivation domain, never equal to a production enclave's keys; every such "
+    "release is logged, audited and signed as debug.",
+)
+@click.option(
+    "--debug-app",
+    default="debug",
+    envvar="MOCK_KMS_DEBUG_APP",
+    help="With --allow-debug: the application (NAME or 0x + 64 hex) whose debug-domain keys "
+    "debug-mode enclaves get.",
 )
 @click.option(
     "--max-age",
@@ -358,6 +369,7 @@ def serve(
     trust_roots: Sequence[Path],
     no_aws_root: bool,
     allow_debug: bool,
+    debug_app: str,
     max_age: float,
     nonce_lifetime: float,
     audit_log: Path | None,
@@ -383,6 +395,7 @@ def serve(
     from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
     from mock_kms.state import KmsState
 
+    debug_application = _debug_application(debug_app) if allow_debug else None
     try:
         state = KmsState.load_or_create(state_dir)
         allowlist = _make_allowlist(
@@ -402,6 +415,7 @@ def serve(
         state=state,
         settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
         audit=audit,
+        debug_application=debug_application,
     )
     settings = ServerSettings(
         host=host,
@@ -416,7 +430,10 @@ def serve(
     logger = logging.getLogger("mock_kms")
     logger.warning("mock-kms serving on %s, identity %s", where, state.identity_text)
     if allow_debug:
-        logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
+        logger.warning(
+            "UNSAFE: --allow-debug: debug-mode enclaves get debug-domain keys of application %s",
+            debug_app,
+        )
     # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
     # handler would pull them from under the select() that run() is blocked in.
     signal.signal(signal.SIGTERM, _interrupt)
@@ -431,6 +448,15 @@ def serve(
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def _debug_application(text: str) -> bytes:
+    from mock_kms.chain import parse_application
+
+    try:
+        return parse_application(text)
+    except InvalidError as e:
+        raise click.BadParameter(e.message, param_hint="--debug-app") from None
 
 
 def _make_verifier(

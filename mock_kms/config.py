@@ -38,6 +38,9 @@ class Limits:
     # needs 3). json's C parser recurses once per level, and web3's dependencies raise
     # Python's recursion limit to 100000, so depth must be bounded before parsing.
     max_json_depth: int = 32
+    # One audit log line, in bytes: every echoed value is cut to 64 characters, and a line
+    # that would still be longer loses its message, then everything but the decision.
+    max_audit_line: int = 4096
 
 
 LIMITS = Limits()

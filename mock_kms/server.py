@@ -252,8 +252,10 @@ class KmsApp:
         except KmsError as e:
             kind = "unavailable" if isinstance(e, UnavailableError) else "denied"
             self._observe(kind, str(e.code), timings, started)
-            entry = self.service.audit_entry(outcome=kind, code=str(e.code), body=body, error=e)
-            if isinstance(body, dict):
+            entry = self.service.audit_entry(
+                outcome=kind, code=str(e.code), body=body, error=e, verified=timings.verified
+            )
+            if timings.verified is None and isinstance(body, dict):
                 entry.update(describe_document(body.get("attestation")))
             try:
                 self.service.audit.record(entry)

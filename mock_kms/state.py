@@ -28,6 +28,7 @@ import os
 import secrets
 import stat
 from pathlib import Path
+from typing import Literal
 
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
@@ -44,7 +45,11 @@ ROOT_SECRET_LENGTH = 32
 KEY_DERIVATION_SALT = b"nitro-keyrelease/v1/key"
 NONCE_KEY_INFO = b"nitro-keyrelease/v1/nonce-mac"
 
+DEBUG_DOMAIN_TAG = b"debug\x00"
+
 logger = logging.getLogger(__name__)
+
+Domain = Literal["production", "debug"]
 
 
 class StateError(UnavailableError):
@@ -209,7 +214,9 @@ class KmsState:
             algorithm=hashes.SHA256(), length=length, salt=KEY_DERIVATION_SALT, info=info
         ).derive(self._root_secret)
 
-    def derive_key(self, application: bytes, key: KeyRequest) -> bytes:
+    def derive_key(
+        self, application: bytes, key: KeyRequest, *, domain: Domain = "production"
+    ) -> bytes:
         """The key ``key.name`` of type ``key.type`` of ``application``: same inputs, same
         key, on any replica.
 
@@ -218,7 +225,12 @@ class KmsState:
         (1) || label || app || len(name) (2) || name || counter (1)``, 32 bytes, with the
         counter counting up from 0 until the type accepts the seed (a scalar must be below
         its group order): a type's keys share no material with another type's or with raw.
+
+        ``domain="debug"`` (keys for debug-mode enclaves, ``serve --allow-debug``) puts
+        ``"debug" 0x00`` before the info of every type, raw included, so a debug enclave never
+        gets a key that a production enclave of the same application gets.
         """
+        tag = DEBUG_DOMAIN_TAG if domain == "debug" else b""
         if len(application) != 32:
             raise ValueError("an application id is 32 bytes")
         name = key.name.encode()
@@ -231,7 +243,7 @@ class KmsState:
                 + name
                 + key.length.to_bytes(2, "big")
             )
-            return self._hkdf(info, key.length)
+            return self._hkdf(tag + info, key.length)
         prefix = (
             b"typed-key\x00"
             + len(kind.label).to_bytes(1, "big")
@@ -241,7 +253,7 @@ class KmsState:
             + name
         )
         for counter in range(256):
-            seed = self._hkdf(prefix + counter.to_bytes(1, "big"), kind.seed_length)
+            seed = self._hkdf(tag + prefix + counter.to_bytes(1, "big"), kind.seed_length)
             if kind.accepts(seed):
                 return seed
         raise ValueError(f"key type {kind.name}: no acceptable seed in 256 derivations")
