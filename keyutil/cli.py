@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -127,12 +126,12 @@ def attest(
     if out is None:
         click.echo(base64.b64encode(document).decode())
         return
-    try:
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_bytes(document)
-        os.replace(tmp, out)
-    except OSError as e:
-        _fail(EXIT_OUTPUT, f"cannot write {out}: {e.strerror}")
+    from keyutil.output import OutputError, write_file
+
+    try:  # a document is not secret: any file system, mode 0644; never through a symlink
+        write_file(out, document, mode=0o644, allow_persistent=True)
+    except OutputError as e:
+        _fail(EXIT_OUTPUT, f"{e.code}: {e.message}")
 
 
 @cli.group()
@@ -326,11 +325,16 @@ def _identity_text(value: str | None) -> str | None:
     default="x25519",
     help="HPKE suite the keys are sealed with.",
 )
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the one key to FILE.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write the one key to FILE, mode 0400; a missing directory (/run/keys) is created "
+    "0700 when its nearest existing ancestor is tmpfs or ramfs.",
+)
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False),
-    help="Write each key to DIR/NAME (DIR must exist).",
+    help="Write each key to DIR/NAME, all or none (DIR created as for --out).",
 )
 @click.option("--stdout", "to_stdout", is_flag=True, help="Write the key(s) to stdout.")
 @click.option(
