@@ -297,6 +297,12 @@ def _identity_text(value: str | None) -> str | None:
 )
 @kms_ca_option
 @click.option(
+    "--expect-app",
+    metavar="NAME|0xID",
+    help="The application whose keys this image must get (as registered on chain): an "
+    "answer for any other application is refused (exit 6) and nothing is written.",
+)
+@click.option(
     "--key",
     "key_names",
     multiple=True,
@@ -359,6 +365,7 @@ def get_key(
     kms_pubkey: str | None,
     insecure_skip_kms_auth: bool,
     kms_ca: str | None,
+    expect_app: str | None,
     key_names: tuple[str, ...],
     lengths: tuple[int, ...],
     key_types: tuple[str, ...],
@@ -419,6 +426,7 @@ def get_key(
             types=key_types,
             suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
             identity=identity,
+            expect_app=expect_app,
         )
     except ProtocolError as e:
         raise click.UsageError(e.message) from None

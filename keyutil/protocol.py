@@ -244,6 +244,77 @@ def open_sealed(
     return hpke_suite(suite).decrypt(sealed, recipient, info=seal_info(key, nonce))
 
 
+# -- Applications and answers' JSON ----------------------------------------------------------
+
+_APP_HEX = re.compile(r"\A0[xX]([0-9a-fA-F]{64})\Z")
+
+
+def parse_application(text: str) -> bytes:
+    """An application id: ``0x`` + 64 hex digits, or a name of 1..32 printable ASCII
+    characters stored left-aligned and zero-padded in 32 bytes (as the allowlist contract
+    stores it). The zero id is refused. ProtocolError ``application_invalid`` if not one."""
+    if text.startswith(("0x", "0X")):
+        match = _APP_HEX.match(text)
+        if match is None:
+            raise ProtocolError(
+                "application_invalid",
+                f"expected an application id of 0x + 64 hex digits; found {len(text) - 2} "
+                "characters after 0x",
+            )
+        value = bytes.fromhex(match.group(1))
+    else:
+        if not 1 <= len(text) <= 32 or not all(0x20 <= ord(c) <= 0x7E for c in text):
+            raise ProtocolError(
+                "application_invalid",
+                "expected an application name of 1 to 32 printable ASCII characters "
+                f"(or 0x + 64 hex digits); found {len(text)} characters",
+            )
+        value = text.encode("ascii").ljust(32, b"\0")
+    if value == bytes(32):
+        raise ProtocolError("application_invalid", "the zero application id is reserved")
+    return value
+
+
+def format_application(app: bytes) -> str:
+    """The name when ``app`` decodes as a :func:`parse_application` name, else 0x-hex."""
+    name = app.rstrip(b"\0")
+    printable = name and all(0x20 <= b <= 0x7E for b in name)
+    if printable and not name.startswith((b"0x", b"0X")):
+        return name.decode("ascii")
+    return "0x" + app.hex()
+
+
+_JSON_STRUCTURE = re.compile(r'[\\"\[\]{}]')
+
+
+def json_nesting(text: str) -> int:
+    """How deep arrays and objects nest in JSON ``text`` (brackets inside strings skipped).
+
+    A linear scan that needs no stack: it runs before the parser, which recurses per level.
+    """
+    depth = deepest = 0
+    in_string = False
+    escaped = -1  # the index of the character after a backslash in a string
+    for match in _JSON_STRUCTURE.finditer(text):
+        i = match.start()
+        if i == escaped:
+            continue
+        char = text[i]
+        if in_string:
+            if char == "\\":
+                escaped = i + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
 # -- The KMS identity and the signed answer ------------------------------------------------
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -33,6 +32,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from keyutil.protocol import json_nesting
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
 from mock_kms.service import ReleaseService, Timings, describe_document
@@ -106,37 +106,6 @@ def _status_line(status: int) -> str:
         503: "Service Unavailable",
     }
     return f"{status} {reasons.get(status, 'Error')}"
-
-
-_JSON_STRUCTURE = re.compile(r'[\\"\[\]{}]')
-
-
-def json_nesting(text: str) -> int:
-    """How deep arrays and objects nest in JSON ``text`` (brackets inside strings skipped).
-
-    A linear scan that needs no stack: it runs before the parser, which recurses per level.
-    """
-    depth = deepest = 0
-    in_string = False
-    escaped = -1  # the index of the character after a backslash in a string
-    for match in _JSON_STRUCTURE.finditer(text):
-        i = match.start()
-        if i == escaped:
-            continue
-        char = text[i]
-        if in_string:
-            if char == "\\":
-                escaped = i + 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
 
 
 def http_status(error: KmsError) -> int:
