@@ -21,8 +21,8 @@ class Limits:
     max_optional_field: int = 1024
     # One DER certificate. Real Nitro certificates are 500 to 700 bytes.
     max_certificate_size: int = 4096
-    # cabundle is [root, regional, zonal, instance] on real documents.
-    max_cabundle_length: int = 8
+    # cabundle is [root, regional, zonal, instance] on real documents; room for two more.
+    max_cabundle_length: int = 6
     # The NSM has 32 PCRs; documents carry 16.
     max_pcr_count: int = 32
     max_pcr_index: int = 31
