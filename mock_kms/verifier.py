@@ -53,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification
 
+from keyutil.protocol import echo
 from mock_kms.attestation import AttestationDocument, parse_attestation
 from mock_kms.config import LIMITS, Limits
 from mock_kms.errors import AttestationError, ErrorCode
@@ -416,7 +417,7 @@ class AttestationVerifier:
                     "found all zeros (debug mode, readable by the host)",
                 )
             logger.warning(
-                "UNSAFE: accepting a debug-mode enclave document (module %s)", doc.module_id
+                "UNSAFE: accepting a debug-mode enclave document (module %s)", echo(doc.module_id)
             )
         return VerifiedAttestation(
             document=doc, verified_at=at, os_image_hash=doc.os_image_hash, debug=debug

@@ -178,3 +178,19 @@ def test_unavailable_is_still_retried_with_expect_app(nsm: SimulatedNSM, kms: Fa
     with pytest.raises(KmsUnavailable) as err:
         release_keys(InProcess(kms), nsm, request, deadline_s=0.3)
     assert err.value.code == "bad_response"
+
+
+def test_expect_app_from_the_environment_as_the_example_image_sets_it(
+    url: str, nsm: SimulatedNSM, kms: FakeKms
+) -> None:
+    reassigned(kms, "0x" + b"billing".ljust(32, b"\0").hex())
+    base = ["get-key", "--kms", url, "--nsm", "simulator", "--sim-dir", str(nsm.directory)]
+    result = CliRunner().invoke(
+        cli,
+        [*base, "--kms-pubkey", kms.pubkey, "--stdout", "--format", "hex"],
+        env={"KEYUTIL_GET_KEY_EXPECT_APP": APP_NAME},
+        auto_envvar_prefix="KEYUTIL",
+    )
+    assert result.exit_code == 6 and result.stdout == ""
+    dockerfile = (Path(__file__).parent.parent / "examples/enclave/Dockerfile").read_text()
+    assert 'KEYUTIL_GET_KEY_EXPECT_APP="${EXPECT_APP}"' in dockerfile
