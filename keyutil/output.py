@@ -297,10 +297,16 @@ class DirSink(_DirectorySink):
     def check(self, key_names: Sequence[str]) -> None:
         directory = self._directory()
         for name in key_names:
-            if Path(name).name != name or name.startswith("."):
-                raise OutputError("output_usage", f"key name {name!r} is not a file name")
-            if directory.is_dir(name):
-                raise OutputError("output_usage", f"{self.directory / name} is a directory")
+            problem = (
+                f"key name {name!r} is not a file name"
+                if Path(name).name != name or name.startswith(".")
+                else f"{self.directory / name} is a directory"
+                if directory.is_dir(name)
+                else None
+            )
+            if problem:
+                self.close()
+                raise OutputError("output_usage", problem)
 
     def write(self, keys: Sequence[ReleasedKey]) -> None:
         self.check([k.name for k in keys])

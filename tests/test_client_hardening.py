@@ -194,3 +194,18 @@ def test_expect_app_from_the_environment_as_the_example_image_sets_it(
     assert result.exit_code == 6 and result.stdout == ""
     dockerfile = (Path(__file__).parent.parent / "examples/enclave/Dockerfile").read_text()
     assert 'KEYUTIL_GET_KEY_EXPECT_APP="${EXPECT_APP}"' in dockerfile
+
+
+def test_a_debug_answer_is_reported_and_logged_as_debug(nsm: SimulatedNSM, kms: FakeKms) -> None:
+    def debug(answer: dict[str, Any], body: Any) -> dict[str, Any]:
+        unsigned = {k: v for k, v in answer.items() if k != "signature"}
+        return kms.sign({**unsigned, "application": APP_ID, "debug": True})
+
+    kms.tamper = debug
+    events: list[tuple[str, str]] = []
+    request = ReleaseRequest.build(["default"], identity=kms.pubkey, expect_app=APP_NAME)
+    release = release_keys(
+        InProcess(kms), nsm, request, deadline_s=5, log=lambda lvl, ev, f: events.append((lvl, ev))
+    )
+    assert release.debug is True
+    assert ("warning", "debug_keys") in events
