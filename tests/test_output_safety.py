@@ -84,10 +84,21 @@ def test_a_flipping_symlink_never_lands_a_key_on_a_persistent_disk(shm: Path, di
     link = shm / "link"
     link.symlink_to(shm / "real")
     flipper = subprocess.Popen(
-        [sys.executable, "-c", FLIPPER, str(link), str(shm / "real"), str(disk / "persistent"), "3"]
+        [
+            sys.executable,
+            "-c",
+            FLIPPER,
+            str(link),
+            str(shm / "real"),
+            str(disk / "persistent"),
+            "15",
+        ]
     )
     written = refused = 0
     try:
+        started = time.monotonic() + 10
+        while os.readlink(link) == str(shm / "real") and time.monotonic() < started:
+            time.sleep(0.01)  # until the flipper runs (a loaded machine starts it late)
         end = time.monotonic() + 2
         i = 0
         while time.monotonic() < end:
