@@ -750,7 +750,7 @@ def error_shape_problem(status: int, answer: Any) -> str:
 
 
 def _answer_target(corpus: Corpus, mutator: Mutator) -> Target:
-    from fuzz.client import AnswerTarget  # the client side; it imports this module
+    from fuzz.answer_target import AnswerTarget  # the client side; it imports this module
 
     return AnswerTarget(corpus, mutator)
 
@@ -761,6 +761,15 @@ TARGETS: dict[str, Callable[[Corpus, Mutator], Target]] = {
     "release": ReleaseTarget,
     "answer": _answer_target,
 }
+
+
+def _provenance_target(corpus: Corpus, mutator: Mutator) -> Target:
+    from fuzz.provenance_target import ProvenanceTarget  # it imports this module
+
+    return ProvenanceTarget(corpus, mutator)
+
+
+TARGETS["provenance"] = _provenance_target
 
 
 def make_target(name: str, corpus: Corpus | None = None) -> Target:

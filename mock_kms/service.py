@@ -45,6 +45,7 @@ from keyutil.protocol import KeyRequest, ProtocolError
 from mock_kms.allowlist import Allowlist, require_allowed
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
+from mock_kms.provenance import ProvenanceIssuer, has_statement
 from mock_kms.state import KmsState
 from mock_kms.verifier import AttestationVerifier, VerifiedAttestation
 
@@ -371,6 +372,7 @@ class ReleaseService:
         audit: AuditLog | None = None,
         clock: Clock = time.time,
         debug_application: bytes | None = None,
+        provenance: ProvenanceIssuer | None = None,
     ) -> None:
         self.verifier = verifier
         self.allowlist = allowlist
@@ -381,6 +383,8 @@ class ReleaseService:
         # this application's keys from the debug derivation domain. None: refused.
         self.debug_application = debug_application
         self.clock = clock
+        # Issues the provenance statement of each typed key (None: releases carry none).
+        self.provenance = provenance
         self.nonces = NonceBook(state.nonce_key, self.settings, clock)
 
     def challenge(self) -> dict[str, Any]:
@@ -455,6 +459,8 @@ class ReleaseService:
                 }
             )
             del secret
+            if self.provenance is not None and has_statement(key):
+                sealed[-1]["provenance"] = self.provenance.issue(application, key)
         body_out = {
             "version": protocol.PROTOCOL_VERSION,
             "suite": request.suite,

@@ -91,7 +91,7 @@ def _open_directory(directory: Path) -> tuple[int, bool]:
     return fd, created
 
 
-def _write_secret(dir_fd: int, name: str, data: bytes) -> None:
+def _write_secret_at(dir_fd: int, name: str, data: bytes) -> None:
     tmp = f".{name}.{secrets.token_hex(4)}.tmp"
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
@@ -106,7 +106,7 @@ def _write_secret(dir_fd: int, name: str, data: bytes) -> None:
         os.unlink(tmp, dir_fd=dir_fd)
 
 
-def _read_private(dir_fd: int, directory: Path, name: str) -> bytes:
+def _read_private_at(dir_fd: int, directory: Path, name: str) -> bytes:
     path = directory / name
     if stat.S_ISLNK(os.stat(name, dir_fd=dir_fd, follow_symlinks=False).st_mode):
         raise _refuse(path, "is a symbolic link; the state files must be regular files")
@@ -119,6 +119,25 @@ def _read_private(dir_fd: int, directory: Path, name: str) -> bytes:
         if problem:
             raise _refuse(path, problem)
         return f.read(64 * 1024)
+
+
+def _write_secret(path: Path, data: bytes) -> None:
+    """``data`` to the new file ``path`` (0600, never through a symlink); the existing file
+    if another process made it first. For secrets kept beside the state (signer keys)."""
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        _write_secret_at(dir_fd, path.name, data)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_private(path: Path) -> bytes:
+    """A secret file read with the state files' checks (no symlink, ours, 0600)."""
+    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        return _read_private_at(dir_fd, path.parent, path.name)
+    finally:
+        os.close(dir_fd)
 
 
 def _exists(dir_fd: int, name: str) -> bool:
@@ -167,9 +186,11 @@ class KmsState:
                     )
                 created = not present
                 if created:
-                    _write_secret(dir_fd, ROOT_SECRET_FILE, secrets.token_bytes(ROOT_SECRET_LENGTH))
+                    _write_secret_at(
+                        dir_fd, ROOT_SECRET_FILE, secrets.token_bytes(ROOT_SECRET_LENGTH)
+                    )
                     key = ed25519.Ed25519PrivateKey.generate()
-                    _write_secret(
+                    _write_secret_at(
                         dir_fd,
                         IDENTITY_FILE,
                         key.private_bytes(
@@ -178,9 +199,9 @@ class KmsState:
                             serialization.NoEncryption(),
                         ),
                     )
-                root_secret = _read_private(dir_fd, directory, ROOT_SECRET_FILE)
+                root_secret = _read_private_at(dir_fd, directory, ROOT_SECRET_FILE)
                 identity = serialization.load_pem_private_key(
-                    _read_private(dir_fd, directory, IDENTITY_FILE), password=None
+                    _read_private_at(dir_fd, directory, IDENTITY_FILE), password=None
                 )
             finally:
                 os.close(dir_fd)

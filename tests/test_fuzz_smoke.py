@@ -17,7 +17,7 @@ from typing import Any
 import cbor2
 import pytest
 
-from fuzz.client import AnswerTarget
+from fuzz.answer_target import AnswerTarget
 from fuzz.mutate import BYTE_CLASSES, STRUCTURAL_CLASSES, Mutator, RandomChooser
 from fuzz.record import Recorder
 from fuzz.seeds import Corpus
@@ -111,7 +111,7 @@ def test_answer_smoke(tmp_path: Path) -> None:
 def test_answer_oracle_flags_a_client_that_ignores_the_expected_application(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fuzz import client
+    from fuzz import answer_target as client
 
     real = client.check_answer
 

@@ -1,7 +1,7 @@
 """The client's answer handling as a fuzz target: whatever a hostile KMS or host sends back.
 
     >>> from fuzz.mutate import RandomChooser
-    >>> from fuzz.client import AnswerTarget
+    >>> from fuzz.answer_target import AnswerTarget
     >>> AnswerTarget().one(RandomChooser(1)).kind in ("refused", "accepted")
     True
 
