@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -130,12 +129,12 @@ def attest(
     if out is None:
         click.echo(base64.b64encode(document).decode())
         return
-    try:
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_bytes(document)
-        os.replace(tmp, out)
-    except OSError as e:
-        _fail(EXIT_OUTPUT, f"cannot write {out}: {e.strerror}")
+    from keyutil.output import OutputError, write_file
+
+    try:  # a document is not secret: any file system, mode 0644; never through a symlink
+        write_file(out, document, mode=0o644, allow_persistent=True)
+    except OutputError as e:
+        _fail(EXIT_OUTPUT, f"{e.code}: {e.message}")
 
 
 @cli.group()
@@ -290,6 +289,12 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
 )
 @kms_ca_option
 @click.option(
+    "--expect-app",
+    metavar="NAME|0xID",
+    help="The application whose keys this image must get (as registered on chain): an "
+    "answer for any other application is refused (exit 6) and nothing is written.",
+)
+@click.option(
     "--key",
     "key_names",
     multiple=True,
@@ -319,11 +324,16 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
     default="x25519",
     help="HPKE suite the keys are sealed with.",
 )
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the one key to FILE.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write the one key to FILE, mode 0400; a missing directory (/run/keys) is created "
+    "0700 when its nearest existing ancestor is tmpfs or ramfs.",
+)
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False),
-    help="Write each key to DIR/NAME (DIR must exist).",
+    help="Write each key to DIR/NAME, all or none (DIR created as for --out).",
 )
 @click.option("--stdout", "to_stdout", is_flag=True, help="Write the key(s) to stdout.")
 @click.option(
@@ -359,6 +369,7 @@ def get_key(
     kms_pubkey: str | None,
     insecure_skip_kms_auth: bool,
     kms_ca: str | None,
+    expect_app: str | None,
     key_names: tuple[str, ...],
     lengths: tuple[int, ...],
     key_types: tuple[str, ...],
@@ -420,6 +431,7 @@ def get_key(
             types=key_types,
             suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
             identity=identity,
+            expect_app=expect_app,
         )
     except ProtocolError as e:
         raise click.UsageError(e.message) from None
@@ -700,15 +712,13 @@ def _write_statement(log: Any, release: Any, path: str) -> None:
         log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code="answer_provenance_missing",
                  message="the KMS sent no provenance statement for the typed key")
         return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(statement.to_bytes())
-        os.replace(tmp, target)
-    except OSError as e:
+    from keyutil.output import OutputError, write_file
+
+    try:  # the safe writer: no predictable temporary, never through a symlink
+        write_file(path, statement.to_bytes(), mode=0o644, allow_persistent=True)
+    except OutputError as e:
         release.wipe()
-        log.fail(EXIT_OUTPUT, "output_error", code="provenance_write",
-                 message=f"cannot write {path}: {e.strerror}")
+        log.fail(EXIT_OUTPUT, "output_error", code="provenance_write", message=e.message)
 
 
 @cli.command("verify-provenance")

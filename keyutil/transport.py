@@ -37,6 +37,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from keyutil import protocol
+
 MAX_RESPONSE_BYTES = 1 << 20  # 1 MiB: a release answer of 16 sealed keys is a few KiB
 MAX_REQUEST_BYTES = 1 << 20
 USER_AGENT = "keyutil/1"
@@ -59,6 +61,29 @@ class HttpResponse:
 
     status: int
     json: Any
+
+
+MAX_JSON_DEPTH = 32  # an answer needs 3; json's parser recurses once per level
+
+
+def decode_json(data: bytes, where: str) -> Any:
+    """A response body's JSON, or None if it is not JSON; TransportError ``bad_response``
+    if it nests deeper than :data:`MAX_JSON_DEPTH` (a hostile answer must not exhaust the
+    parser's recursion: it is a bad response, retried, never a crash)."""
+    if not data:
+        return None
+    try:
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+    if protocol.json_nesting(text) > MAX_JSON_DEPTH:
+        raise TransportError(
+            "bad_response", f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        )
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: a small stack; never a traceback
+        return None
 
 
 class Transport(Protocol):
@@ -347,8 +372,4 @@ class HttpTransport:
             ) from None
         finally:
             conn.close()
-        try:
-            parsed: Any = json.loads(data) if data else None
-        except ValueError:  # UnicodeDecodeError included
-            parsed = None
-        return HttpResponse(status=status, json=parsed)
+        return HttpResponse(status=status, json=decode_json(data, where))

@@ -164,7 +164,8 @@ def cli(verbose: int) -> None:
 @click.option(
     "--allow-debug",
     is_flag=True,
-    help="UNSAFE: accept debug-mode enclaves (all-zero PCR0..2), readable by the host.",
+    help="UNSAFE: report debug-mode enclaves (all-zero PCR0..2, memory readable by the host) "
+    "as valid, with debug true, instead of refusing them (debug_enclave).",
 )
 @click.option(
     "--max-age",
@@ -234,9 +235,16 @@ def _default_state_dir() -> Path:
     return Path(base) / "mock-kms"
 
 
+def _state_dir(ctx: click.Context, param: click.Parameter, value: Any) -> Path:
+    if not str(value):  # Path("") would be the working directory
+        raise click.BadParameter("expected a directory; found an empty value")
+    return Path(value)
+
+
 state_dir_option = click.option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
+    callback=_state_dir,
     default=_default_state_dir,
     show_default="$XDG_STATE_HOME/mock-kms",
     envvar="MOCK_KMS_STATE_DIR",
@@ -325,7 +333,17 @@ def identity(state_dir: Path) -> None:
     "--allow-debug",
     is_flag=True,
     envvar="MOCK_KMS_ALLOW_DEBUG",
-    help="UNSAFE: release keys to debug-mode enclaves (logged at start and on every use).",
+    help="UNSAFE, development only: release keys to debug-mode enclaves (any image: their PCRs "
+    "are all zero, and the host can read their memory). They get --debug-app's keys from a "
+    "separate debug derivation domain, never equal to a production enclave's keys; every such "
+    "release is logged, audited and signed as debug.",
+)
+@click.option(
+    "--debug-app",
+    default="debug",
+    envvar="MOCK_KMS_DEBUG_APP",
+    help="With --allow-debug: the application (NAME or 0x + 64 hex) whose debug-domain keys "
+    "debug-mode enclaves get.",
 )
 @click.option(
     "--max-age",
@@ -392,6 +410,7 @@ def serve(
     trust_roots: Sequence[Path],
     no_aws_root: bool,
     allow_debug: bool,
+    debug_app: str,
     max_age: float,
     nonce_lifetime: float,
     audit_log: Path | None,
@@ -424,6 +443,7 @@ def serve(
     _check_chain_options(rpc_url, contract, chain_id, images)
     if no_aws_root and not trust_roots:
         raise click.UsageError("--no-aws-root needs at least one --trust-root")
+    debug_application = _debug_application(debug_app) if allow_debug else None
     settings = ServerSettings(
         host=host,
         port=port,
@@ -439,7 +459,7 @@ def serve(
     try:
         service = _start_service(
             state_dir, images, rpc_url, contract, chain_id, confirmations, revocation_delay,
-            rpc_timeout, trust_roots, no_aws_root, max_age, allow_debug, audit_log,
+            rpc_timeout, trust_roots, no_aws_root, max_age, debug_application, audit_log,
             nonce_lifetime,
         )
     except BaseException:  # a one-line exit (SystemExit) or Ctrl-C while the chain starts
@@ -460,7 +480,11 @@ def serve(
     try:
         logger.info("mock-kms serving on %s, identity %s", where, service.state.identity_text)
         if allow_debug:
-            logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
+            logger.warning(
+                "UNSAFE: --allow-debug: debug-mode enclaves get the debug-domain keys of "
+                "application %s",
+                debug_app,
+            )
         server.run()  # returns (waitress swallows the interrupt) or raises it
     except KeyboardInterrupt:
         pass
@@ -483,7 +507,7 @@ def _start_service(
     trust_roots: Sequence[Path],
     no_aws_root: bool,
     max_age: float,
-    allow_debug: bool,
+    debug_application: bytes | None,
     audit_log: Path | None,
     nonce_lifetime: float,
 ) -> Any:
@@ -491,6 +515,7 @@ def _start_service(
     from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
     from mock_kms.state import KmsState
 
+    allow_debug = debug_application is not None
     try:
         state = KmsState.load_or_create(state_dir)
         allowlist = _make_allowlist(
@@ -519,6 +544,7 @@ def _start_service(
         state=state,
         settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
         audit=audit,
+        debug_application=debug_application,
         provenance=issuer,
     )
 
@@ -597,6 +623,15 @@ def _check_chain_options(
             parse_address(contract)
         except KmsError as e:
             raise click.BadParameter(e.message, param_hint="--contract") from None
+
+
+def _debug_application(text: str) -> bytes:
+    from mock_kms.chain import parse_application
+
+    try:
+        return parse_application(text)
+    except InvalidError as e:
+        raise click.BadParameter(e.message, param_hint="--debug-app") from None
 
 
 def _make_verifier(

@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -38,6 +37,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from keyutil.protocol import json_nesting
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
 from mock_kms.service import ReleaseService, Timings, describe_document
@@ -130,37 +130,6 @@ def _status_line(status: int) -> str:
         503: "Service Unavailable",
     }
     return f"{status} {reasons.get(status, 'Error')}"
-
-
-_JSON_STRUCTURE = re.compile(r'[\\"\[\]{}]')
-
-
-def json_nesting(text: str) -> int:
-    """How deep arrays and objects nest in JSON ``text`` (brackets inside strings skipped).
-
-    A linear scan that needs no stack: it runs before the parser, which recurses per level.
-    """
-    depth = deepest = 0
-    in_string = False
-    escaped = -1  # the index of the character after a backslash in a string
-    for match in _JSON_STRUCTURE.finditer(text):
-        i = match.start()
-        if i == escaped:
-            continue
-        char = text[i]
-        if in_string:
-            if char == "\\":
-                escaped = i + 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
 
 
 def http_status(error: KmsError) -> int:
@@ -304,8 +273,10 @@ class KmsApp:
         except KmsError as e:
             kind = "unavailable" if isinstance(e, UnavailableError) else "denied"
             self._observe(kind, str(e.code), timings, started)
-            entry = self.service.audit_entry(outcome=kind, code=str(e.code), body=body, error=e)
-            if isinstance(body, dict):
+            entry = self.service.audit_entry(
+                outcome=kind, code=str(e.code), body=body, error=e, verified=timings.verified
+            )
+            if timings.verified is None and isinstance(body, dict):
                 entry.update(describe_document(body.get("attestation")))
             try:
                 self.service.audit.record(entry)

@@ -572,7 +572,7 @@ def test_wait_ready(transport: InProcess, kms: FakeKms) -> None:
         (502, b"<html>", KmsUnavailable, "http_502"),
         (403, {"error": "debug_refused", "message": "x"}, KmsDenied, "debug_refused"),
         (404, None, KmsDenied, "http_404"),
-        (200, None, KmsUnavailable, "kms_bad_response"),
+        (200, None, KmsUnavailable, "bad_response"),
     ],
 )
 def test_classify(status: int, body: Any, error: type[Exception], code: str) -> None:
