@@ -78,6 +78,7 @@ def get_key(
     sim_dir: str | Path | None = None,
     kms_ca: str | None = None,
     insecure_skip_kms_auth: bool = False,
+    expect_app: str | None = None,
     log: Log = _no_log,
 ) -> dict[str, bytearray]:
     """Release ``keys`` from the KMS at ``kms`` to this attested enclave; name -> key bytes.
@@ -87,7 +88,10 @@ def get_key(
     identity, ``ed25519:BASE64`` or ``@FILE``; ``lengths`` and ``types`` (``raw``, ``age``,
     ``ed25519``, ``secp256k1``: what ``--type`` takes) one for all keys or one per key;
     ``deadline`` the seconds the whole release may take, retries included; ``nsm`` and
-    ``sim_dir`` where attestation documents come from; ``log(level, event, fields)``
+    ``sim_dir`` where attestation documents come from; ``expect_app`` (a name or ``0x`` and 64
+    hex digits, as ``--expect-app``) refuses keys released for any other application
+    (:class:`keyutil.client.AnswerRejected`, code ``answer_application_mismatch``);
+    ``log(level, event, fields)``
     receives the same events as ``keyutil get-key``'s log (never key material).
     """
     from keyutil.client import ReleaseRequest, release_keys
@@ -105,7 +109,7 @@ def get_key(
     try:
         request = ReleaseRequest.build(
             keys, lengths=tuple(lengths), types=tuple(types), suite=suites[suite],
-            identity=identity,
+            identity=identity, expect_app=expect_app,
         )
     except ProtocolError as e:
         raise ValueError(e.message) from None

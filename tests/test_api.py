@@ -14,7 +14,7 @@ import pytest
 from e2e_support import Kms, Setup
 
 import keyutil
-from keyutil.client import KmsDenied, KmsUnavailable
+from keyutil.client import AnswerRejected, KmsDenied, KmsUnavailable
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parent.parent
@@ -47,6 +47,19 @@ def test_get_key_reads_the_identity_from_a_file(shared: tuple[Setup, Kms], tmp_p
     assert list(keys) == ["default"] and len(keys["default"]) == 32
 
 
+def test_expect_app_refuses_another_applications_keys(shared: tuple[Setup, Kms]) -> None:
+    s, kms = shared
+    keys = keyutil.get_key(
+        kms.url, kms_pubkey=s.identity, nsm="simulator", sim_dir=s.sim, expect_app="app-a"
+    )
+    assert len(keys["default"]) == 32
+    with pytest.raises(AnswerRejected) as rejected:
+        keyutil.get_key(
+            kms.url, kms_pubkey=s.identity, nsm="simulator", sim_dir=s.sim, expect_app="app-b"
+        )
+    assert rejected.value.code == "answer_application_mismatch"
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
@@ -57,6 +70,7 @@ def test_get_key_reads_the_identity_from_a_file(shared: tuple[Setup, Kms], tmp_p
         ({"insecure_skip_kms_auth": True, "deadline": 0}, "deadline: expected a positive"),
         ({"insecure_skip_kms_auth": True, "suite": "rsa"}, "suite: expected x25519 or p384"),
         ({"insecure_skip_kms_auth": True, "kms": "127.0.0.1:8420"}, "did you mean http://"),
+        ({"insecure_skip_kms_auth": True, "expect_app": "0x12"}, "application"),
     ],
 )
 def test_usage_errors_are_value_errors_before_anything_is_sent(
