@@ -143,3 +143,97 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 20, what: str = ""
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out waiting for {what or predicate}")
+
+
+class EnclaveRun:
+    """`keyutil run --config FILE` in fresh network and mount namespaces (and, with
+    ``pid_ns``, a PID namespace where it is PID 1), as an enclave boots it."""
+
+    def __init__(
+        self,
+        root: Path,
+        config: str,
+        *,
+        pid_ns: bool = False,
+        inside: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> None:
+        from e2e_support import KEYUTIL
+
+        self.root = root
+        self.config = root / "run.toml"
+        self.config.write_text(config)
+        self.out, self.err = root / "console.out", root / "console.err"
+        self.pid_ns = pid_ns
+        unshare = ["unshare", "-n", "-m", "--propagation", "private"]
+        if pid_ns:
+            unshare += ["-p", "-f", "--mount-proc"]
+        self.argv = [*unshare, *inside, KEYUTIL, "run", "--config", str(self.config)]
+        self.env = {**os.environ, **(env or {})}
+        self.proc: Any = None
+
+    def start(self) -> EnclaveRun:
+        import subprocess
+
+        with self.out.open("wb") as out, self.err.open("wb") as err:
+            self.proc = subprocess.Popen(
+                self.argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, env=self.env
+            )
+        return self
+
+    def wait(self, timeout: float = 60) -> int:
+        import subprocess
+
+        try:
+            return int(self.proc.wait(timeout))
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise AssertionError(f"keyutil run did not exit:\n{self.stderr()}") from None
+
+    def run(self, timeout: float = 60) -> int:
+        return self.start().wait(timeout)
+
+    def supervisor_pid(self) -> int:
+        """Its PID here (with ``pid_ns``, the child of unshare --fork)."""
+        if not self.pid_ns:
+            return int(self.proc.pid)
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        found = wait_until(lambda: children.read_text().split(), what="unshare's child")
+        return int(found[0])
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace")
+
+    def stdout(self) -> str:
+        return self.out.read_text(errors="replace")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def events(text: str) -> list[dict[str, Any]]:
+    """The JSON event lines in a console or sink text (others skipped)."""
+    found = []
+    for line in text.splitlines():
+        start = line.find("{")
+        if start < 0:
+            continue
+        try:
+            record = json.loads(line[start:])
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            found.append(record)
+    return found
+
+
+def write_app(path: Path, body: str) -> Path:
+    """A Python app (the test's interpreter) at ``path``."""
+    import sys
+
+    path.write_text(f"#!{sys.executable}\n{body}")
+    path.chmod(0o755)
+    return path
