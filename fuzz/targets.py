@@ -757,6 +757,10 @@ TARGETS: dict[str, Callable[[Corpus, Mutator], Target]] = {
 
 
 def make_target(name: str, corpus: Corpus | None = None) -> Target:
+    if name == "logwire":  # needs no attestation corpus
+        from fuzz.logwire import LogWireTarget
+
+        return LogWireTarget()
     corpus = corpus or Corpus.create()
     return TARGETS[name](corpus, Mutator(corpus))
 

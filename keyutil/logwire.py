@@ -17,9 +17,10 @@ A connection starts with the 6 bytes ``KLOG1\\n`` (magic and version 1), then fr
 
 all integers big-endian, ``length`` at most :data:`MAX_PAYLOAD`.
 
-- kind 1, ``line``: payload = time (u64, milliseconds since the epoch) + the line's text,
-  UTF-8, without its newline. A line longer than :data:`MAX_LINE` bytes travels as several
-  frames. Stream 0 is the supervisor's own log, 1 the app's stdout, 2 its stderr.
+- kind 1, ``line``: payload = time (u64, milliseconds since the epoch, at most
+  :data:`MAX_TIME_MS`) + the line's text, UTF-8, without its newline. A line longer than
+  :data:`MAX_LINE` bytes travels as several frames. Stream 0 is the supervisor's own log,
+  1 the app's stdout, 2 its stderr.
 - kind 2, ``dropped``: stream 0, payload = u64, the number of lines the sender dropped
   (its buffer was full while the host was not listening) since its last report.
 
@@ -40,6 +41,7 @@ HELLO = b"KLOG1\n"
 HEADER = struct.Struct(">BBHI")
 MAX_LINE = 16 * 1024  # bytes of text in one frame
 MAX_PAYLOAD = 8 + MAX_LINE
+MAX_TIME_MS = 253402300799999  # 9999-12-31T23:59:59.999Z, the last time a printer can show
 KIND_LINE = 1
 KIND_DROPPED = 2
 STREAMS = ("supervisor", "stdout", "stderr")
@@ -141,6 +143,8 @@ class LogReader:
             payload = bytes(buf[HEADER.size : HEADER.size + length])
             del buf[: HEADER.size + length]
             (number,) = _U64.unpack_from(payload)
+            if kind == KIND_LINE and number > MAX_TIME_MS:
+                raise WireError("bad_time", f"a line stamped {number} ms, after the year 9999")
             if kind == KIND_DROPPED:
                 records.append(Dropped(number))
             else:

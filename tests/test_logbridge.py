@@ -83,6 +83,7 @@ def frame(kind: int, stream: int, reserved: int, length: int, payload: bytes = b
         (HELLO + frame(1, 0, 0, 0xFFFFFFFF), "too_long"),
         (HELLO + frame(1, 0, 0, 7, bytes(7)), "bad_length"),
         (HELLO + frame(2, 0, 0, 9, bytes(9)), "bad_length"),
+        (HELLO + frame(1, 0, 0, 8, (253402300800000).to_bytes(8, "big")), "bad_time"),
     ],
 )
 def test_hostile_bytes_are_refused_with_a_code_and_the_reader_stays_refusing(
