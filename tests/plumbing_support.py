@@ -3,6 +3,7 @@ namespace runner. Unix sockets stand in for vsock (no vsock loopback on these ma
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -68,6 +69,8 @@ class StreamServer:
                 self.errors.append(e)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accepting thread (Linux)
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
 
 
