@@ -1,6 +1,7 @@
-"""``keyutil proxy``: the parent instance's forwarder from vsock (or a unix socket) to the KMS.
+"""``keyutil proxy``: a forwarder between vsock, unix and TCP, in every direction.
 
-    $ keyutil proxy --listen vsock://:8000 --to kms.example.com:443
+    $ keyutil proxy --listen vsock://:8000 --to kms.example.com:443          # to the KMS
+    $ keyutil proxy --listen tcp://0.0.0.0:8080 --to vsock://enclave:app:5001  # inbound
 
     >>> from keyutil.proxy import build_allowlist, parse_hostport, parse_listen
     >>> to = parse_hostport("KMS.example.com.:443")
@@ -15,8 +16,10 @@ The enclave reaches the KMS only through this process, which the enclave does no
 keys cross it sealed to the enclave's attested key and the KMS's answer is signed, so the proxy
 moves bytes and nothing else. It never parses, stores or logs them.
 
-One destination, checked against an allowlist at start (refused: exit 2, nothing listens) and
-again for every connection, whose name is resolved afresh each time. Per connection, two
+One destination (:func:`parse_destination`: TCP, unix, vsock by CID, or an enclave by name,
+whose CID is looked up at every connection). A TCP destination is checked against an
+allowlist at start (refused: exit 2, nothing listens) and again for every connection, whose
+name is resolved afresh each time. Per connection, two
 pumps (one thread each way) copy through one reusable buffer each; an end of stream from one
 side is passed on as ``shutdown(SHUT_WR)`` to the other, and the connection ends when both
 directions have ended, when neither has moved a byte for ``idle_timeout`` seconds, or on an
