@@ -12,7 +12,7 @@ and ``KEYUTIL_SIM_DIR`` for every command; the KMS is ``KEYUTIL_KMS`` and its id
 ``KEYUTIL_KMS_PUBKEY``.
 Exit codes are stable: 0 success, 2 usage, 3 KMS unreachable by the deadline, 4 denied by
 the KMS, 5 NSM error, 6 the KMS answer failed authentication, 7 output error, 8 network
-set-up error (net-up), 9 the app could not be started (run: workdir, command).
+set-up error (net-up), 10 the app could not be started (run: workdir, command).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ def cli() -> None:
     \b
     Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
     4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
-    7 output error, 8 network set-up error (net-up), 9 the app could not be
+    7 output error, 8 network set-up error (net-up), 10 the app could not be
     started (run). 'keyutil run' exits with the app's own status once it ran.
     """
 
@@ -672,7 +672,7 @@ def run_enclave(config_path: str) -> None:
     Steps, in order, each named in the log with its exit code on failure (the app then
     never starts): log (the bridge to the host), net_up 8, tmpfs 7, keys 3-7 (get-key's
     codes, failing over between [kms] urls), sealed 2, forward 3, host_settings (optional,
-    never fails), workdir 9, app 9. Then it reaps every child, passes SIGTERM/SIGINT to the
+    never fails), workdir 10, app 10. Then it reaps every child, passes SIGTERM/SIGINT to the
     app and exits with the app's status (128+N after signal N).
     \b
     The app's stdout and stderr go to the console and, with [log] to, to the host: the

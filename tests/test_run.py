@@ -260,8 +260,8 @@ def _drop(cap: str) -> tuple[str, ...]:
         ),
         ("forward", 3, '[[forward]]\nlisten = "unix://{d}/no/such/dir.sock"\nto = "tcp://127.0.0.1:1"',
          (), "cannot listen"),
-        ("workdir", 9, "", (), "cannot change to"),
-        ("app", 9, "", (), "cannot start"),
+        ("workdir", 10, "", (), "cannot change to"),
+        ("app", 10, "", (), "cannot start"),
     ],
 )
 def test_each_step_failure_names_the_step_exits_with_its_code_and_the_app_never_starts(

@@ -190,7 +190,7 @@ def _failed(lines: list[str]) -> dict[str, Any]:
 def test_failover_tries_the_next_kms_on_unreachable_only(tmp_path: Path) -> None:
     run = Recorder([3, 0])
     sup, lines = supervisor(KEYS, tmp_path, run=run)
-    assert sup.run() == 9  # keys released, then the app cannot start
+    assert sup.run() == 10  # keys released, then the app cannot start
     assert [c[c.index("--kms") + 1] for c in run.calls] == ["vsock://3:8000", "vsock://3:8001"]
     first = run.calls[0]
     assert first[:2] == ["keyutil", "get-key"]
@@ -265,7 +265,7 @@ def test_host_settings_only_for_allowed_names_each_logged(sockdir: Path) -> None
     server = serve_settings(sockdir / "settings.sock", json.dumps(offered).encode())
     try:
         sup, lines = supervisor(SETTINGS, sockdir, environ={"PATH": "/bin", "KEYUTIL_NSM": "x"})
-        assert sup.run() == 9
+        assert sup.run() == 10
     finally:
         server.close()
     env = sup.app_environment()
@@ -292,7 +292,7 @@ def test_host_settings_that_are_absent_or_garbage_change_nothing(
     server = serve_settings(sockdir / "settings.sock", body) if body is not None else None
     try:
         sup, lines = supervisor(SETTINGS, sockdir, environ={})
-        assert sup.run() == 9  # boot goes on: the settings are optional
+        assert sup.run() == 10  # boot goes on: the settings are optional
     finally:
         if server is not None:
             server.close()

@@ -19,8 +19,8 @@ keys            3..7  ``keyutil get-key`` for each ``[[keys]]`` set, with its ow
 sealed          2     opens ``[[sealed]]`` files (needs :mod:`keyutil.sealing`)
 forward         3     starts every ``[[forward]]`` (a :class:`keyutil.proxy.Proxy` thread)
 host_settings   \\-    asks the host for optional settings; only names the image allows
-workdir         9     changes to ``[app] workdir``
-app             9     starts the app (not found, not executable)
+workdir         10    changes to ``[app] workdir``
+app             10    starts the app (not found, not executable)
 =============== ===== ====================================================================
 
 Then, as PID 1 (or a child subreaper, ``PR_SET_CHILD_SUBREAPER``, when it is not), it reaps
@@ -69,7 +69,7 @@ EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
 EXIT_OUTPUT = 7
 EXIT_NETWORK = 8
-EXIT_APP_START = 9
+EXIT_APP_START = 10
 
 PR_SET_CHILD_SUBREAPER = 36
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
