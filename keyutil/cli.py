@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -345,6 +345,25 @@ def _identity_text(value: str | None) -> str | None:
     is_flag=True,
     help="Allow --out/--out-dir on a file system other than tmpfs or ramfs.",
 )
+@click.option(
+    "--unseal",
+    "unseal_source",
+    metavar="IN",
+    help="With one --type age key: open the age file IN (a file, - or https://) with the "
+    "released identity, which is never written anywhere (see 'keyutil unseal').",
+)
+@click.option(
+    "--unseal-to",
+    metavar="PATH|-",
+    help="Where --unseal writes the plaintext: a file (tmpfs, published once the whole "
+    "input authenticated) or - for stdout.",
+)
+@click.option("--via", envvar="KEYUTIL_VIA", help="For --unseal https://: the egress proxy.")
+@click.option(
+    "--source-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For --unseal https://: trust only this CA file.",
+)
 @deadline_option(60.0)
 @nsm_option
 @sim_dir_option
@@ -364,6 +383,10 @@ def get_key(
     to_stdout: bool,
     fmt: Literal["raw", "hex", "base64"],
     allow_persistent: bool,
+    unseal_source: str | None,
+    unseal_to: str | None,
+    via: str | None,
+    source_ca: str | None,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
@@ -371,6 +394,10 @@ def get_key(
     verbose: int,
 ) -> None:
     """Release keys from the KMS to this attested enclave and write them out.
+
+    \b
+    With --unseal IN --unseal-to PATH|-: release one age key and open IN with it instead
+    (exit 9 when IN is refused: not for this key, altered or truncated).
 
     \b
     Asks the KMS for a challenge, gets an attestation document from the NSM binding the
@@ -396,6 +423,14 @@ def get_key(
     from keyutil.output import DirSink, FileSink, OutputError, Sink, StdoutSink
     from keyutil.protocol import SUITE_P384, SUITE_X25519, ProtocolError
 
+    if (unseal_source is None) != (unseal_to is None):
+        raise click.UsageError("--unseal IN and --unseal-to PATH|- go together")
+    if unseal_source is not None:
+        to_stdout = True  # for the checks below: the key itself goes nowhere
+        if out is not None or out_dir is not None or key_types != ("age",):
+            raise click.UsageError("--unseal takes one --type age key and no --out/--out-dir")
+    elif via is not None or source_ca is not None:
+        raise click.UsageError("--via and --source-ca apply to --unseal only")
     if sum((out is not None, out_dir is not None, to_stdout)) != 1:
         raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
     if fmt != "raw" and not to_stdout:
@@ -430,10 +465,18 @@ def get_key(
         sink = DirSink(out_dir, allow_persistent=allow_persistent)
     else:
         sink = StdoutSink(sys.stdout.buffer, fmt=fmt)
-    try:
-        sink.check([k.name for k in request.keys])
-    except OutputError as e:
-        log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
+    unsealed: Any = None
+    if unseal_to is not None:
+        from keyutil.sealing import commands as sealing
+
+        if len(request.keys) != 1:
+            raise click.UsageError("--unseal takes one --type age key")
+        unsealed = sealing.check_output(log, unseal_to, allow_persistent)
+    else:
+        try:
+            sink.check([k.name for k in request.keys])
+        except OutputError as e:
+            log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
     try:
         nsm = open_nsm(nsm_kind, sim_dir=sim_dir)
         release = release_keys(
@@ -454,6 +497,17 @@ def get_key(
         return
     except AnswerRejected as e:
         log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code=e.code, message=e.message)
+        return
+    if unseal_source is not None:
+        from keyutil.sealing.age import Identity
+
+        try:
+            age_identity = Identity(bytes(release.keys[0].value))
+        finally:
+            release.wipe()
+        sealing.unseal_to(
+            log, [age_identity], unseal_source, unsealed, via=via, source_ca=source_ca
+        )
         return
     # Typed keys are written as their type's file (an age identity), raw keys as bytes.
     files = tuple(k if k.type == "raw" else k.private_file() for k in release.keys)
@@ -665,3 +719,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# The sealing commands (seal, unseal, recipient, exec) live with the age code and reuse this
+# module's options, so they are registered last. Hidden from mypy, which would otherwise see an
+# import cycle and lose the types of those options.
+if not TYPE_CHECKING:
+    from keyutil.sealing.commands import register as _register_sealing
+
+    _register_sealing(cli)
