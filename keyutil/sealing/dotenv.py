@@ -90,7 +90,8 @@ def parse_dotenv(data: bytes | bytearray) -> dict[str, str]:
             raise DotenvError(number, "expected NAME=value with NAME of [A-Za-z_][A-Za-z0-9_]*")
         name, rest = match.group(), text[match.end() :]
         if not rest.startswith("="):
-            raise DotenvError(number, f"expected '=' right after the name {name}")
+            # Not even the name: on a line without '=' it may run into the value.
+            raise DotenvError(number, "expected '=' right after the name")
         value = rest[1:]
         if value.startswith(("'", '"')):
             value, after = _quoted(value, number)
@@ -104,6 +105,6 @@ def parse_dotenv(data: bytes | bytearray) -> dict[str, str]:
             if "'" in value or '"' in value:
                 raise DotenvError(number, "a quote inside an unquoted value")
         if name in variables:
-            raise DotenvError(number, f"{name} is set twice")
+            raise DotenvError(number, "a name set on an earlier line again")
         variables[name] = value
     return variables
