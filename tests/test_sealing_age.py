@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from keyutil.sealing.age import CHUNK, SEALED_CHUNK, Identity, Recipient, Sealed
 
 SEED = bytes(range(32))
 OTHER = bytes(range(1, 33))
-needs_age = pytest.mark.skipif(shutil.which("age") is None, reason="the age package is missing")
+needs_age = pytest.mark.usefixtures("age_cli")
 
 
 @pytest.fixture(scope="module")

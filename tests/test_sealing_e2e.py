@@ -6,7 +6,6 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -22,10 +21,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from e2e_support import KEYUTIL, MOCK_KMS, Kms, ProxyProcess, Setup, sim_init
 from test_transport import _cert
 
-pytestmark = [
-    pytest.mark.slow,
-    pytest.mark.skipif(shutil.which("age") is None, reason="the age package is missing"),
-]
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("age_cli")]
 
 PLAINTEXT = os.urandom(3 * 64 * 1024 + 123)
 
