@@ -6,28 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from test_fuzz_smoke import assert_clean, run
 
-from fuzz.mutate import RandomChooser
-from fuzz.record import Recorder
 from fuzz.sealed import DotenvTarget, SealedTarget
-from fuzz.targets import Target, make_target
+from fuzz.targets import make_target
 from keyutil.sealing import age
-
-SEED = 20261201
-
-
-def run(target: Target, runs: int, findings: Path) -> Recorder:
-    recorder = Recorder(findings)
-    chooser = RandomChooser(SEED)
-    for _ in range(runs):
-        recorder.add(target.one(chooser))
-    return recorder
-
-
-def assert_clean(recorder: Recorder) -> None:
-    report = recorder.report()
-    bad = {k: report[k] for k in ("crashes", "accepted_mutants", "harness_errors")}
-    assert bad == dict.fromkeys(bad, 0), (report["finding_signatures"], report["saved"])
 
 
 def test_sealed_smoke(tmp_path: Path) -> None:

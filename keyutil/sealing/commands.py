@@ -61,6 +61,44 @@ allow_persistent_option = click.option(
 )
 
 
+def fail(log: EventLog, error: Exception) -> None:
+    """Log ``error`` with its code and exit with the documented status for its kind.
+
+    Every error these commands turn into an exit status carries ``code`` and ``message``
+    (never secret material); the kind decides the status and the event's name.
+    """
+    from keyutil.client import AnswerRejected, KmsDenied, KmsUnavailable
+    from keyutil.output import OutputError
+    from keyutil.sealing.age import SealedError
+    from keyutil.sealing.dotenv import DotenvError
+    from keyutil.sealing.streams import SourceError
+    from keyutil.transport import TransportError
+
+    fields: dict[str, Any] = {"code": getattr(error, "code", type(error).__name__),
+                              "message": getattr(error, "message", str(error))}
+    if isinstance(error, SourceError):
+        unreachable = error.code in ("source_unreachable", "source_http_status")
+        status, event = (EXIT_UNAVAILABLE if unreachable else EXIT_USAGE), "source_error"
+    elif isinstance(error, SealedError | DotenvError):
+        status, event = EXIT_SEALED, "sealed_refused"
+        if isinstance(error, DotenvError):
+            fields["line"] = error.line
+    elif isinstance(error, OutputError):
+        status, event = EXIT_OUTPUT, "output_error"
+    elif isinstance(error, NsmError):
+        status, event = EXIT_NSM, "nsm_error"
+    elif isinstance(error, KmsUnavailable | TransportError):
+        status, event = EXIT_UNAVAILABLE, "kms_unavailable"
+    elif isinstance(error, KmsDenied):
+        status, event = EXIT_DENIED, "denied"
+        fields["status"] = error.status
+    elif isinstance(error, AnswerRejected):
+        status, event = EXIT_UNAUTHENTICATED, "answer_rejected"
+    else:
+        raise error
+    log.fail(status, event, **fields)
+
+
 def _output(target: str, allow_persistent: bool) -> Any:
     from keyutil.sealing.streams import PlaintextFile, StdoutOutput
 
@@ -77,7 +115,7 @@ def check_output(log: EventLog, target: str, allow_persistent: bool) -> Any:
     try:
         out.check()
     except OutputError as e:
-        log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
+        fail(log, e)
     return out
 
 
@@ -97,29 +135,17 @@ def unseal_to(
     from keyutil.sealing.age import SealedError, unseal
     from keyutil.sealing.streams import PlaintextFile, SourceError, open_source
 
-    try:
-        source = open_source(source_spec, via=via, ca_file=source_ca, timeout=timeout)
-    except SourceError as e:
-        code = EXIT_UNAVAILABLE if e.code in ("source_unreachable", "source_http_status") else 2
-        log.fail(code, "source_error", code=e.code, message=e.message)
-        return
     started = time.monotonic()
     try:
-        with source:
+        with open_source(source_spec, via=via, ca_file=source_ca, timeout=timeout) as source:
             if isinstance(out, PlaintextFile):
                 with out:
                     size = unseal(source, out.write, identities)
                     out.publish()
             else:
                 size = unseal(source, out.write, identities)
-    except SealedError as e:
-        log.fail(EXIT_SEALED, "sealed_refused", code=e.code, message=e.message)
-        return
-    except SourceError as e:
-        log.fail(EXIT_UNAVAILABLE, "source_error", code=e.code, message=e.message)
-        return
-    except OutputError as e:
-        log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
+    except (SourceError, SealedError, OutputError) as e:
+        fail(log, e)
         return
     log(
         "info",
@@ -181,17 +207,8 @@ def release_age_identity(
             deadline_s=deadline - (time.monotonic() - started),
             log=log,
         )
-    except NsmError as e:
-        log.fail(EXIT_NSM, "nsm_error", code=e.code, message=e.message)
-        return None
-    except KmsUnavailable as e:
-        log.fail(EXIT_UNAVAILABLE, "kms_unavailable", code=e.code, message=e.message)
-        return None
-    except KmsDenied as e:
-        log.fail(EXIT_DENIED, "denied", code=e.code, status=e.status, message=e.message)
-        return None
-    except AnswerRejected as e:
-        log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code=e.code, message=e.message)
+    except (NsmError, KmsUnavailable, KmsDenied, AnswerRejected) as e:
+        fail(log, e)
         return None
     try:
         return Identity(bytes(release.keys[0].value))
@@ -384,24 +401,15 @@ def recipient_command(
     try:
         response = transport.request("GET", f"/v1/recipient?{query}", timeout=deadline)
         body = classify(response, "recipient")
-    except TransportError as e:
-        log.fail(EXIT_UNAVAILABLE, "kms_unavailable", code=e.code, message=e.message)
-        return
-    except KmsUnavailable as e:
-        log.fail(EXIT_UNAVAILABLE, "kms_unavailable", code=e.code, message=e.message)
-        return
-    except KmsDenied as e:
-        log.fail(EXIT_DENIED, "denied", code=e.code, status=e.status, message=e.message)
+    except (TransportError, KmsUnavailable, KmsDenied) as e:
+        fail(log, e)
         return
     try:
         statement = verify_statement(
             pinned, body, application=application, name=key_name, key_type="age"
         )
         Recipient.parse(statement["recipient"])
-    except ProtocolError as e:
-        log.fail(EXIT_UNAUTHENTICATED, "recipient_rejected", code=e.code, message=e.message)
-        return
-    except SealedError as e:
+    except (ProtocolError, SealedError) as e:
         log.fail(EXIT_UNAUTHENTICATED, "recipient_rejected", code=e.code, message=e.message)
         return
     click.echo(json.dumps(statement) if as_json else statement["recipient"])
@@ -494,15 +502,8 @@ def exec_command(
         with open_source(sealed_env, via=via, ca_file=source_ca, timeout=deadline) as source:
             unseal(source, plaintext.extend, identity)
         variables = parse_dotenv(plaintext)
-    except SourceError as e:
-        code = EXIT_UNAVAILABLE if e.code in ("source_unreachable", "source_http_status") else 2
-        log.fail(code, "source_error", code=e.code, message=e.message)
-        return
-    except SealedError as e:
-        log.fail(EXIT_SEALED, "sealed_refused", code=e.code, message=e.message)
-        return
-    except DotenvError as e:
-        log.fail(EXIT_SEALED, "sealed_refused", code=e.code, message=e.message, line=e.line)
+    except (SourceError, SealedError, DotenvError) as e:
+        fail(log, e)
         return
     finally:
         plaintext[:] = bytes(len(plaintext))
