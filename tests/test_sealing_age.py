@@ -259,3 +259,31 @@ def test_identity_files_and_recipients() -> None:
         with pytest.raises(SealedError) as err:
             Recipient.parse(bad_recipient)
         assert err.value.code == "recipient_invalid"
+
+
+@needs_age
+def test_differential_against_stock_age_on_damaged_files(tmp_path: Path) -> None:
+    """Mutants of the fuzzer's seeds: the stock age CLI and this opener agree on every one
+    (both refuse, or both open it to the same plaintext)."""
+    from fuzz.mutate import RandomChooser
+    from fuzz.sealed import FUZZ_IDENTITY, SealedTarget
+
+    identity = tmp_path / "fuzz.key"
+    scalar = bytes(range(7, 39))
+    assert str(Identity(scalar).recipient) == str(FUZZ_IDENTITY.recipient)
+    identity.write_bytes(keytypes.get("age").private_file(scalar, "age"))
+    target = SealedTarget()
+    chooser = RandomChooser(4242)
+    kinds = set()
+    for _ in range(150):
+        execution = target.one(chooser)
+        theirs = subprocess.run(["age", "-d", "-i", str(identity)], input=execution.data,
+                                capture_output=True)
+        ours_ok = execution.kind == "accepted"
+        assert ours_ok == (theirs.returncode == 0), (execution.ops, execution.code, theirs.stderr)
+        if ours_ok:
+            out = io.BytesIO()
+            age.unseal(io.BytesIO(execution.data), out.write, FUZZ_IDENTITY)
+            assert out.getvalue() == theirs.stdout
+        kinds.add(execution.code)
+    assert len(kinds) >= 5, kinds
