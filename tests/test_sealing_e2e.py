@@ -217,20 +217,47 @@ def test_damaged_files_leave_no_output(env: tuple[Setup, Kms], tmp_path: Path) -
     assert s.get_key(kms.url, "--key", "weights", "--type", "age",
                      "--out", str(identity)).returncode == 0
     chunk = 64 * 1024 + 16
-    first = len(sealed) - (3 * chunk + 123 + 16)  # where chunk 0 starts
-    damaged = {
-        "sealed_truncated": sealed[: first + 2 * chunk],
-        "sealed_altered": sealed[:first] + sealed[first + chunk : first + 2 * chunk]
-        + sealed[first : first + chunk] + sealed[first + 2 * chunk :],
-        "sealed_header_altered": sealed.replace(b"--- ", b"--- A", 1)[:-1],
+    nonce = sealed.index(b"\n", sealed.index(b"\n---") + 1) + 1
+    first = nonce + 16
+    starts = [first + i * chunk for i in range(4)]  # 3 full chunks and 123 bytes
+    assert len(sealed) == starts[3] + 123 + 16
+
+    def flip(at: int) -> bytes:
+        return sealed[:at] + bytes([sealed[at] ^ 0x80]) + sealed[at + 1 :]
+
+    damaged: dict[str, tuple[bytes, str]] = {
+        "cut after the header": (sealed[:nonce], "sealed_truncated"),
+        "cut after the nonce": (sealed[:first], "sealed_truncated"),
+        **{f"cut after chunk {i}": (sealed[: starts[i + 1]], "sealed_truncated")
+           for i in range(3)},
+        **{f"flipped in chunk {i}": (flip(starts[i] + 50), "sealed_altered") for i in range(4)},
+        "flipped in the nonce": (flip(nonce + 3), "sealed_altered"),
+        "flipped in the header MAC": (flip(nonce - 10), "sealed_header_altered"),
+        "chunks 0 and 1 swapped": (
+            sealed[: starts[0]] + sealed[starts[1] : starts[2]] + sealed[starts[0] : starts[1]]
+            + sealed[starts[2] :],
+            "sealed_altered",
+        ),
+        "for another application": (
+            seal_with_age(recipient_of(s, kms, "app-b"), tmp_path).read_bytes(),
+            "sealed_not_for_key",
+        ),
     }
     out = s.keys / "weights.bin"
-    for code, blob in damaged.items():
+    for what, (blob, code) in damaged.items():
         result = run(KEYUTIL, "unseal", "--identity", str(identity), "--log-format", "json",
                      "-", str(out), input=blob)
-        assert result.returncode == 9, (code, result.stderr)
-        assert codes(result.stderr) in ([code], ["sealed_header_invalid"])
-        assert leftovers(s.keys) == ["weights.key"]
+        assert result.returncode == 9, (what, result.stderr)
+        expected = [code] if code != "sealed_header_altered" else [code, "sealed_header_invalid"]
+        assert codes(result.stderr)[0] in expected, what
+        assert leftovers(s.keys) == ["weights.key"], what
+    # The one-step path too: a cut file from the enclave's own release.
+    cut = tmp_path / "cut.age"
+    cut.write_bytes(sealed[: starts[2]])
+    result = s.get_key(kms.url, "--key", "weights", "--type", "age",
+                       "--unseal", str(cut), "--unseal-to", str(out))
+    assert result.returncode == 9 and codes(result.stderr)[-1] == "sealed_truncated"
+    assert leftovers(s.keys) == ["weights.key"]
     identity.unlink()
 
 
