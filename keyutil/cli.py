@@ -24,7 +24,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
@@ -308,6 +308,14 @@ def _identity_text(value: str | None) -> str | None:
     help="Key length in bytes: once for all keys, or once per --key in order.",
 )
 @click.option(
+    "--type",
+    "key_types",
+    multiple=True,
+    default=["raw"],
+    help="Key type: raw (bytes), age (an AGE-SECRET-KEY-1 identity file, as 'age -d -i' "
+    "reads it); once for all keys, or once per --key in order.",
+)
+@click.option(
     "--suite",
     type=click.Choice(SUITE_CHOICES),
     default="x25519",
@@ -332,6 +340,25 @@ def _identity_text(value: str | None) -> str | None:
     is_flag=True,
     help="Allow --out/--out-dir on a file system other than tmpfs or ramfs.",
 )
+@click.option(
+    "--unseal",
+    "unseal_source",
+    metavar="IN",
+    help="With one --type age key: open the age file IN (a file, - or https://) with the "
+    "released identity, which is never written anywhere (see 'keyutil unseal').",
+)
+@click.option(
+    "--unseal-to",
+    metavar="PATH|-",
+    help="Where --unseal writes the plaintext: a file (tmpfs, published once the whole "
+    "input authenticated) or - for stdout.",
+)
+@click.option("--via", envvar="KEYUTIL_VIA", help="For --unseal https://: the egress proxy.")
+@click.option(
+    "--source-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For --unseal https://: trust only this CA file.",
+)
 @deadline_option(60.0)
 @nsm_option
 @sim_dir_option
@@ -344,12 +371,17 @@ def get_key(
     kms_ca: str | None,
     key_names: tuple[str, ...],
     lengths: tuple[int, ...],
+    key_types: tuple[str, ...],
     suite: str,
     out: str | None,
     out_dir: str | None,
     to_stdout: bool,
     fmt: Literal["raw", "hex", "base64"],
     allow_persistent: bool,
+    unseal_source: str | None,
+    unseal_to: str | None,
+    via: str | None,
+    source_ca: str | None,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
@@ -357,6 +389,10 @@ def get_key(
     verbose: int,
 ) -> None:
     """Release keys from the KMS to this attested enclave and write them out.
+
+    \b
+    With --unseal IN --unseal-to PATH|-: release one age key and open IN with it instead
+    (exit 9 when IN is refused: not for this key, altered or truncated).
 
     \b
     Asks the KMS for a challenge, gets an attestation document from the NSM binding the
@@ -382,6 +418,14 @@ def get_key(
     from keyutil.output import DirSink, FileSink, OutputError, Sink, StdoutSink
     from keyutil.protocol import SUITE_P384, SUITE_X25519, ProtocolError
 
+    if (unseal_source is None) != (unseal_to is None):
+        raise click.UsageError("--unseal IN and --unseal-to PATH|- go together")
+    if unseal_source is not None:
+        to_stdout = True  # for the checks below: the key itself goes nowhere
+        if out is not None or out_dir is not None or key_types != ("age",):
+            raise click.UsageError("--unseal takes one --type age key and no --out/--out-dir")
+    elif via is not None or source_ca is not None:
+        raise click.UsageError("--via and --source-ca apply to --unseal only")
     if sum((out is not None, out_dir is not None, to_stdout)) != 1:
         raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
     if fmt != "raw" and not to_stdout:
@@ -398,11 +442,16 @@ def get_key(
         request = ReleaseRequest.build(
             key_names,
             lengths=lengths,
+            types=key_types,
             suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
             identity=identity,
         )
     except ProtocolError as e:
         raise click.UsageError(e.message) from None
+    if fmt != "raw" and any(k.type != "raw" for k in request.keys):
+        raise click.UsageError("--format hex/base64 applies to raw keys only")
+    if out_dir is not None and len({k.name for k in request.keys}) != len(request.keys):
+        raise click.UsageError("--out-dir writes DIR/NAME: one type per key name")
     transport = _transport(kms_url, kms_ca)
     sink: Sink
     if out is not None:
@@ -411,10 +460,18 @@ def get_key(
         sink = DirSink(out_dir, allow_persistent=allow_persistent)
     else:
         sink = StdoutSink(sys.stdout.buffer, fmt=fmt)
-    try:
-        sink.check([k.name for k in request.keys])
-    except OutputError as e:
-        log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
+    unsealed: Any = None
+    if unseal_to is not None:
+        from keyutil.sealing import commands as sealing
+
+        if len(request.keys) != 1:
+            raise click.UsageError("--unseal takes one --type age key")
+        unsealed = sealing.check_output(log, unseal_to, allow_persistent)
+    else:
+        try:
+            sink.check([k.name for k in request.keys])
+        except OutputError as e:
+            log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
     try:
         nsm = open_nsm(nsm_kind, sim_dir=sim_dir)
         release = release_keys(
@@ -436,12 +493,27 @@ def get_key(
     except AnswerRejected as e:
         log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code=e.code, message=e.message)
         return
+    if unseal_source is not None:
+        from keyutil.sealing.age import Identity
+
+        try:
+            age_identity = Identity(bytes(release.keys[0].value))
+        finally:
+            release.wipe()
+        sealing.unseal_to(
+            log, [age_identity], unseal_source, unsealed, via=via, source_ca=source_ca
+        )
+        return
+    # Typed keys are written as their type's file (an age identity), raw keys as bytes.
+    files = tuple(k if k.type == "raw" else k.private_file() for k in release.keys)
     try:
-        sink.write(release.keys)
+        sink.write(files)
     except OutputError as e:
         log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
     finally:
         release.wipe()
+        for k in files:
+            k.wipe()
     log(
         "info",
         "written",
@@ -856,3 +928,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 if __name__ == "__main__":  # pragma: no cover
     main()
+
+
+# The sealing commands (seal, unseal, recipient, exec) live with the age code and reuse this
+# module's options, so they are registered last. Hidden from mypy, which would otherwise see an
+# import cycle and lose the types of those options.
+if not TYPE_CHECKING:
+    from keyutil.sealing.commands import register as _register_sealing
+
+    _register_sealing(cli)

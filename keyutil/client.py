@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from keyutil import protocol
+from keyutil import keytypes, protocol
 from keyutil.nsm import NSM, NSM_FIELD_MAX
 from keyutil.protocol import KeyRequest, ProtocolError
 from keyutil.transport import HttpResponse, Transport, TransportError
@@ -118,22 +118,35 @@ class ReleaseRequest:
         names: Iterable[str],
         *,
         lengths: Sequence[int] = (DEFAULT_KEY_LENGTH,),
+        types: Sequence[str] = (keytypes.DEFAULT_TYPE,),
         suite: str = protocol.SUITE_X25519,
         identity: str | None,
     ) -> ReleaseRequest:
-        """From names, one length for all or one per name, and ``ed25519:...`` (or None)."""
+        """From names, one length and one type for all or one per name, and
+        ``ed25519:...`` (or None)."""
         names = list(names)
-        if len(lengths) == 1:
-            lengths = list(lengths) * len(names)
-        if len(lengths) != len(names):
-            raise ProtocolError(
-                "bad_request",
-                f"expected one key length for all keys or one per key; "
-                f"found {len(lengths)} lengths for {len(names)} keys",
-            )
-        keys = tuple(KeyRequest(n, ln) for n, ln in zip(names, lengths, strict=True))
+        lengths = _one_or_each(lengths, len(names), "key length")
+        types = _one_or_each(types, len(names), "key type")
+        keys = tuple(
+            KeyRequest(n, ln, t) for n, ln, t in zip(names, lengths, types, strict=True)
+        )
         pinned = protocol.parse_identity(identity) if identity is not None else None
         return cls(keys=keys, suite=suite, identity=pinned)
+
+
+_Item = TypeVar("_Item")
+
+
+def _one_or_each(values: Sequence[_Item], count: int, what: str) -> list[_Item]:
+    if len(values) == 1:
+        return list(values) * count
+    if len(values) != count:
+        raise ProtocolError(
+            "bad_request",
+            f"expected one {what} for all keys or one per key; "
+            f"found {len(values)} for {count} keys",
+        )
+    return list(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +161,14 @@ class ReleasedKey:
 
     name: str
     value: bytearray = dataclasses.field(repr=False)
+    type: str = keytypes.DEFAULT_TYPE
+
+    def private_file(self, fmt: str | None = None) -> ReleasedKey:
+        """The key as its type writes it (``AGE-SECRET-KEY-1...`` for age), in ``fmt`` or the
+        type's default format; a new ReleasedKey, to be wiped as well."""
+        kind = keytypes.get(self.type)
+        data = kind.private_file(bytes(self.value), fmt or kind.formats[0])
+        return ReleasedKey(self.name, bytearray(data), self.type)
 
     def wipe(self) -> None:
         self.value[:] = bytes(len(self.value))
@@ -279,10 +300,12 @@ def check_answer(
             or given.get("name") != asked.name
             or type(given.get("length")) is not int
             or given.get("length") != asked.length
+            or given.get("type", keytypes.DEFAULT_TYPE) != asked.type
         ):
             raise _reject(
                 "answer_keys_mismatch",
-                f"expected key {asked.name!r} of {asked.length} bytes at this position",
+                f"expected key {asked.name!r} of type {asked.type}, {asked.length} bytes, "
+                "at this position",
             )
         try:
             sealed.append(protocol.b64d(given.get("sealed"), "sealed", max_len=MAX_SEALED_B64))
@@ -312,7 +335,7 @@ def open_keys(
                 raise _reject(
                     "answer_keys_mismatch", f"key {key.name!r} opened to the wrong length"
                 )
-            opened.append(ReleasedKey(key.name, value))
+            opened.append(ReleasedKey(key.name, value, key.type))
     except AnswerRejected:
         for done in opened:
             done.wipe()

@@ -11,6 +11,7 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 ``POST /v1/challenge``     a fresh nonce, single use, short-lived
 ``POST /v1/release``       the signed, sealed answer; 4xx for denials, 503 when unavailable
 ``GET  /v1/identity``      ``{"identity": "ed25519:..."}``, the key enclaves pin
+``GET  /v1/recipient``     ``?app=APP&key=NAME``: an application's age recipient, signed
 ``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms
 =========================  ===================================================================
 
@@ -163,6 +164,7 @@ class KmsApp:
             ("GET", "/v1/identity"): self._identity,
             ("POST", "/v1/challenge"): self._challenge,
             ("POST", "/v1/release"): self._release,
+            ("GET", "/v1/recipient"): self._recipient,
         }
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -237,6 +239,26 @@ class KmsApp:
 
     def _identity(self, environ: Environ) -> tuple[int, Any]:
         return 200, {"identity": self.service.state.identity_text}
+
+    def _recipient(self, environ: Environ) -> tuple[int, Any]:
+        """``?app=APP&key=NAME[&type=age]``: the signed public half (docs/sealing.md)."""
+        from urllib.parse import parse_qs
+
+        from mock_kms.recipients import recipient_statement
+
+        query = parse_qs(str(environ.get("QUERY_STRING", ""))[:1024], keep_blank_values=True)
+        if set(query) - {"app", "key", "type"} or any(len(v) != 1 for v in query.values()):
+            raise InvalidError(
+                ErrorCode.BAD_REQUEST, "expected the query app=APP&key=NAME[&type=TYPE], once each"
+            )
+        if "app" not in query or "key" not in query:
+            raise InvalidError(ErrorCode.BAD_REQUEST, "expected the query app=APP&key=NAME")
+        return 200, recipient_statement(
+            self.service.state,
+            app=query["app"][0],
+            name=query["key"][0],
+            key_type=query.get("type", ["age"])[0],
+        )
 
     def _challenge(self, environ: Environ) -> tuple[int, Any]:
         self.metrics.challenges.inc()

@@ -40,7 +40,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from keyutil import protocol
+from keyutil import keytypes, protocol
 from keyutil.protocol import KeyRequest, ProtocolError
 from mock_kms.allowlist import Allowlist, require_allowed
 from mock_kms.config import LIMITS
@@ -176,7 +176,13 @@ class ReleaseRequest:
             for item in raw_keys[: protocol.MAX_KEYS + 1]:
                 if not isinstance(item, Mapping):
                     raise ProtocolError("bad_request", "keys: expected objects {name, length}")
-                keys.append(KeyRequest(item.get("name"), item.get("length")))  # type: ignore[arg-type]
+                keys.append(
+                    KeyRequest(
+                        item.get("name"),  # type: ignore[arg-type]
+                        item.get("length"),  # type: ignore[arg-type]
+                        item.get("type", keytypes.DEFAULT_TYPE),
+                    )
+                )
             attestation = protocol.b64d(
                 body.get("attestation"),
                 "attestation",
