@@ -743,7 +743,7 @@ def run_enclave(config_path: str) -> None:
     \b
     Steps, in order, each named in the log with its exit code on failure (the app then
     never starts): log (the bridge to the host), net_up 8, tmpfs 7, keys 3-7 (get-key's
-    codes, failing over between [kms] urls), sealed 2, forward 3, host_settings (optional,
+    codes, failing over between [kms] urls), sealed 3-9, forward 3, host_settings (optional,
     never fails), workdir 10, app 10. Then it reaps every child, passes SIGTERM/SIGINT to the
     app and exits with the app's status (128+N after signal N).
     \b

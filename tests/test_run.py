@@ -7,6 +7,7 @@ enclave's forwarders meet at socket files, as they would meet at vsock ports.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import KEYUTIL, ProxyProcess, Setup, free_port, sim_init
+from e2e_support import KEYUTIL, MOCK_KMS, ProxyProcess, Setup, free_port, sim_init
 from plumbing_support import (
     NEEDS_ROOT_NAMESPACES,
     EnclaveRun,
@@ -253,10 +254,10 @@ def _drop(cap: str) -> tuple[str, ...]:
             (), "exited 3",
         ),
         (
-            "sealed", 2,
-            '[[sealed]]\nsource = "/opt/model.age"\ndest = "/run/keys/model"\n'
-            'identity = "/run/keys/age"',
-            (), "cannot open sealed files",
+            "sealed", 3,
+            '[kms]\nurls = ["unix://{d}/nokms.sock"]\npubkey = "ed25519:{pk}"\ndeadline = 1\n'
+            '[[sealed]]\nkey = "weights"\nsource = "/opt/model.age"\ndest = "/dev/shm/model"',
+            (), "exited 3",
         ),
         ("forward", 3, '[[forward]]\nlisten = "unix://{d}/no/such/dir.sock"\nto = "tcp://127.0.0.1:1"',
          (), "cannot listen"),
@@ -354,3 +355,93 @@ dir = "{keys_dir}"
     assert released["names"] == ["app", "db"]
     assert any(e["event"] == "written" for e in found)  # get-key's own line, passed on
     assert not keys_dir.exists() or not os.listdir(keys_dir)  # the tmpfs went with the ns
+
+
+# -- sealed files, for real: stock age on the "build host", opened before the app starts ----
+
+
+def test_sealed_file_and_dotenv_are_opened_before_the_app(setup: Setup, sockdir: Path) -> None:
+    kms = setup.kms(unix=sockdir / "kms.sock").start().wait_listening()
+
+    def recipient(key: str) -> str:
+        out = subprocess.run(
+            [MOCK_KMS, "recipient", "--state-dir", str(setup.state), "--app", "app-a",
+             "--key", key], check=True, capture_output=True, text=True,
+        )
+        return out.stdout.strip()
+
+    weights = os.urandom(300_000)
+    subprocess.run(["age", "-r", recipient("weights"), "-o", str(sockdir / "weights.age")],
+                   input=weights, check=True)
+    secrets_env = b"DB_PASS='s3cr3t-never-logged'\nMODE=from-sealed\n"
+    subprocess.run(["age", "-r", recipient("env"), "-o", str(sockdir / "secrets.env.age")],
+                   input=secrets_env, check=True)
+    record = sockdir / "record.json"
+    app = write_app(
+        sockdir / "app.py",
+        "import hashlib, json, os, sys\n"
+        f"data = open({str(sockdir / 'run' / 'weights.bin')!r}, 'rb').read()\n"
+        "json.dump({'sha256': hashlib.sha256(data).hexdigest(), 'db_pass_sha256': "
+        "hashlib.sha256(os.environ['DB_PASS'].encode()).hexdigest(), "
+        "'mode': os.environ['MODE']}, open(sys.argv[1], 'w'))\n",
+    )
+    config = base_config(
+        sockdir,
+        [str(app), str(record)],
+        extra=f"""
+[tmpfs]
+paths = ["{sockdir}/run"]
+
+[kms]
+urls = ["unix://{sockdir}/kms.sock"]
+pubkey = "{setup.identity}"
+deadline = 30
+
+[[sealed]]
+key = "weights"
+source = "{sockdir}/weights.age"
+dest = "{sockdir}/run/weights.bin"
+
+[[sealed]]
+key = "env"
+source = "{sockdir}/secrets.env.age"
+format = "dotenv"
+""",
+    ).replace('env = { APP_MODE = "test" }', 'env = { MODE = "image" }')
+    env = {"KEYUTIL_NSM": "simulator", "KEYUTIL_SIM_DIR": str(setup.sim)}
+    try:
+        assert EnclaveRun(sockdir, config, env=env).run(120) == 0, (sockdir / "console.err").read_text()
+        seen = json.loads(record.read_text())
+        assert seen["sha256"] == hashlib.sha256(weights).hexdigest()
+        assert seen["db_pass_sha256"] == hashlib.sha256(b"s3cr3t-never-logged").hexdigest()
+        assert seen["mode"] == "from-sealed"  # the sealed secret wins over the image's env
+        console = (sockdir / "console.err").read_bytes() + (sockdir / "console.out").read_bytes()
+        assert b"s3cr3t" not in console
+        (opened,) = [e for e in events(console.decode()) if e["event"] == "sealed_env"]
+        assert opened["names"] == ["DB_PASS", "MODE"]
+
+        # the same file cut short: refused (exit 9), the app never starts
+        data = (sockdir / "weights.age").read_bytes()
+        (sockdir / "weights.age").write_bytes(data[: len(data) // 2])
+        record.unlink()
+        enclave = EnclaveRun(sockdir, config, env=env)
+        assert enclave.run(120) == 9
+        assert not record.exists()
+        (failed,) = [e for e in events(enclave.stderr()) if e["event"] == "step_failed"]
+        assert failed["step"] == "sealed"
+        (refused,) = [e for e in events(enclave.stderr()) if e["event"] == "sealed_refused"]
+        assert refused["code"] in ("sealed_altered", "sealed_truncated")  # get-key's own line
+
+        # a dotenv sealed to another key (the weights' one): refused in the supervisor itself
+        (sockdir / "weights.age").write_bytes(data)
+        subprocess.run(["age", "-r", recipient("weights"), "-o",
+                        str(sockdir / "secrets.env.age")], input=secrets_env, check=True)
+        enclave = EnclaveRun(sockdir, config, env=env)
+        assert enclave.run(120) == 9
+        assert not record.exists()
+        (failed,) = [e for e in events(enclave.stderr()) if e["event"] == "step_failed"]
+        assert failed["step"] == "sealed"
+        assert failed["message"].startswith("sealed_not_for_key: ")
+        assert b"s3cr3t" not in enclave.err.read_bytes()
+    finally:
+        kms.stop()

@@ -100,8 +100,21 @@ env = { MODE = "prod" }
         (APP + '[kms]\nurls = ["u"]\npubkey="x"\n[[keys]]\nnames = ["a"]\ndir = "/k"\n'
          '[[keys]]\nnames = ["a"]\ndir = "/k/"\n', "written by two key sets"),
         (APP + '[[keys]]\nnames = ["a"]\n', "keys[0].dir: required"),
-        (APP + '[[sealed]]\nsource = "/a"\ndest = "/b"\nidentity = "/c"\nformat = "zip"\n',
+        (APP + '[kms]\nurls = ["u"]\npubkey="x"\n'
+         '[[sealed]]\nkey = "w"\nsource = "/a"\ndest = "/b"\nformat = "zip"\n',
          "expected file or dotenv"),
+        (APP + '[[sealed]]\nkey = "w"\nsource = "/a"\ndest = "/b"\n', "needs a [kms] table"),
+        (APP + '[kms]\nurls = ["u"]\npubkey="x"\n[[sealed]]\nkey = "w"\nsource = "/a"\n',
+         "a file needs dest"),
+        (APP + '[kms]\nurls = ["u"]\npubkey="x"\n'
+         '[[sealed]]\nkey = "w"\nsource = "/a"\nformat = "dotenv"\ndest = "/b"\n',
+         "takes none"),
+        (APP + '[kms]\nurls = ["u"]\npubkey="x"\n[[sealed]]\nkey = "w"\nsource = "http://x/a"\n'
+         'dest = "/b"\n', "an absolute path or an https:// URL"),
+        (APP + '[kms]\nurls = ["u"]\npubkey="x"\n[[sealed]]\nkey = "w"\nsource = "/a"\n'
+         'dest = "/b"\nvia = "vsock://enclave:x:1"\n', "host-side address"),
+        (APP + '[kms]\nurls = ["u"]\npubkey="x"\n[[sealed]]\nkey = "../w"\nsource = "/a"\n'
+         'dest = "/b"\n', "is not a key name"),
         (APP + '[[forward]]\nlisten = "vsock://:1"\nto = "vsock://enclave:x:1"\n',
          "an enclave name is a host-side address"),
         (APP + '[[forward]]\nlisten = "udp://:1"\nto = "vsock://3:1"\n', "forward[0].listen"),

@@ -21,8 +21,8 @@ is optional. The full reference, with every key, is in docs/deploy.md; in short:
     [kms]          urls = ["vsock://3:8000", ...], pubkey = "@/etc/keyutil/kms.pub",
                    deadline = 60, ca = "/path.pem"
     [[keys]]       names = ["app"], length = 32, dir = "/run/keys", expect_app = "my-app"
-    [[sealed]]     source = "/opt/app/model.age", dest = "/run/keys/model",
-                   identity = "/run/keys/age", format = "file" | "dotenv"
+    [[sealed]]     key = "weights", source = "/opt/model.age" or "https://...",
+                   format = "file" (dest = "/run/keys/model") | "dotenv", via, source_ca
     [[forward]]    listen = "vsock://:5001", to = "tcp://127.0.0.1:4000"  (inbound)
                    listen = "tcp://127.0.0.1:8443", to = "vsock://3:8443"  (egress)
     [log]          to = "vsock://3:9000", buffer_lines, buffer_bytes, console, flush_timeout
@@ -91,10 +91,15 @@ class KeySet:
 
 @dataclasses.dataclass(frozen=True)
 class Sealed:
-    source: str
-    dest: str
-    identity: str
+    """A file sealed with age to the application's key ``key``: opened to ``dest`` (format
+    ``file``) or into the app's environment (``dotenv``, never written anywhere)."""
+
+    key: str
+    source: str  # an absolute path or an https:// URL
     format: str = "file"
+    dest: str | None = None
+    via: str | None = None  # for https://: the egress proxy, vsock://3:PORT
+    source_ca: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,14 +265,33 @@ def _keyset(t: _Table) -> KeySet:
 
 
 def _sealed(t: _Table) -> Sealed:
+    key = t.string("key", _REQUIRED)
+    if not _KEY_NAME.match(key):
+        raise ConfigError(f"{t.where}.key: {key!r} is not a key name")
+    source = t.string("source", _REQUIRED)
+    if not (source.startswith("https://") or os.path.isabs(source)):
+        raise ConfigError(f"{t.where}.source: expected an absolute path or an https:// URL")
+    via = t.string("via")
+    if via is not None:
+        try:
+            _enclave_side(parse_destination(via), f"{t.where}.via")
+        except ProxyConfigError as e:
+            raise ConfigError(f"{t.where}.via: {e}") from None
     sealed = Sealed(
-        source=t.path("source", _REQUIRED),
-        dest=t.path("dest", _REQUIRED),
-        identity=t.path("identity", _REQUIRED),
+        key=key,
+        source=source,
         format=t.string("format", "file"),
+        dest=t.path("dest"),
+        via=via,
+        source_ca=t.path("source_ca"),
     )
     if sealed.format not in ("file", "dotenv"):
         raise ConfigError(f"{t.where}.format: expected file or dotenv; found {sealed.format!r}")
+    if (sealed.format == "file") != (sealed.dest is not None):
+        raise ConfigError(
+            f"{t.where}.dest: a file needs dest (on tmpfs); a dotenv goes to the app's "
+            "environment and takes none"
+        )
     t.done()
     return sealed
 
@@ -376,6 +400,8 @@ def parse_config(text: str, *, source: str = "config") -> RunConfig:
     sealed = tuple(
         _sealed(_Table(s, f"sealed[{n}]")) for n, s in enumerate(top._get("sealed", list, []))
     )
+    if sealed and kms is None:
+        raise ConfigError("sealed: opening sealed files needs a [kms] table")
     forwards = tuple(
         _forward(_Table(f, f"forward[{n}]")) for n, f in enumerate(top._get("forward", list, []))
     )

@@ -16,7 +16,9 @@ tmpfs           7     mounts a tmpfs (mode 0700, nosuid, nodev, noexec) on every
 keys            3..7  ``keyutil get-key`` for each ``[[keys]]`` set, with its own exit code
                       (3 unreachable, 4 denied, 5 NSM, 6 unauthenticated, 7 output); with
                       several ``[kms] urls`` it fails over to the next on "unreachable"
-sealed          2     opens ``[[sealed]]`` files (needs :mod:`keyutil.sealing`)
+sealed          3..9  opens ``[[sealed]]`` files (:mod:`keyutil.sealing`): get-key's codes,
+                      9 when the sealed input is refused (altered, truncated, not for
+                      this key, a malformed dotenv)
 forward         3     starts every ``[[forward]]`` (a :class:`keyutil.proxy.Proxy` thread)
 host_settings   \\-    asks the host for optional settings; only names the image allows
 workdir         10    changes to ``[app] workdir``
@@ -49,9 +51,10 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import IO, Any
 
-from keyutil.enclave.config import RESERVED_ENV_PREFIX, Forward, KeySet, RunConfig
+from keyutil.enclave.config import RESERVED_ENV_PREFIX, Forward, KeySet, RunConfig, Sealed
 from keyutil.enclave.logsend import LogSender
 from keyutil.events import format_event
 from keyutil.logwire import MAX_LINE, printable
@@ -67,8 +70,12 @@ from keyutil.proxy import (
 
 EXIT_USAGE = 2
 EXIT_UNAVAILABLE = 3
+EXIT_DENIED = 4
+EXIT_NSM = 5
+EXIT_UNAUTHENTICATED = 6
 EXIT_OUTPUT = 7
 EXIT_NETWORK = 8
+EXIT_SEALED = 9
 EXIT_APP_START = 10
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -126,7 +133,7 @@ def run_command(argv: Sequence[str], line: Callable[[str], None]) -> int:
 
 
 def keyutil_command() -> list[str]:
-    return [sys.executable, "-m", "keyutil.cli"]
+    return [sys.executable, "-m", "keyutil"]
 
 
 def get_key_features() -> tuple[bool, bool]:
@@ -171,6 +178,7 @@ class Supervisor:
         self.sender: LogSender | None = None
         self.proxies: list[Proxy] = []
         self.settings: dict[str, str] = {}
+        self.sealed_env: dict[str, str] = {}
         self.app: subprocess.Popen[bytes] | None = None
         self._console_lock = threading.Lock()
         self._stop_signal: int | None = None
@@ -264,7 +272,8 @@ class Supervisor:
                 ) from None
             self.log("info", "tmpfs", {"path": path, "mounted": True, "size": tmpfs.size})
 
-    def _get_key_args(self, keyset: KeySet, urls: Iterable[str], deadline: float) -> list[str]:
+    def _kms_args(self, urls: Iterable[str], deadline: float) -> list[str]:
+        """get-key's options naming the KMS, its identity and the deadline."""
         kms = self.config.kms
         assert kms is not None
         args = [*self.keyutil, "get-key"]
@@ -276,10 +285,13 @@ class Supervisor:
             args.append("--insecure-skip-kms-auth")
         if kms.ca is not None:
             args += ["--kms-ca", kms.ca]
+        return [*args, "--deadline", f"{deadline:g}", "--log-format", self.config.log_format]
+
+    def _key_args(self, keyset: KeySet) -> list[str]:
+        args: list[str] = []
         for name in keyset.names:
             args += ["--key", name]
         args += ["--length", str(keyset.length), "--out-dir", keyset.dir]
-        args += ["--deadline", f"{deadline:g}", "--log-format", self.config.log_format]
         if keyset.expect_app is not None:
             args += ["--expect-app", keyset.expect_app]
         return args
@@ -302,43 +314,127 @@ class Supervisor:
                 raise StepFailed(
                     "keys", EXIT_OUTPUT, f"cannot create {keyset.dir}: {e.strerror}"
                 ) from None
-            self._release(keyset, kms.urls, kms.deadline, multi)
+            self._get_key("keys", ", ".join(keyset.names), self._key_args(keyset), multi)
             self.log("info", "keys_released", {"names": list(keyset.names), "dir": keyset.dir})
 
-    def _release(self, keyset: KeySet, urls: Sequence[str], deadline: float, multi: bool) -> None:
+    def _get_key(self, step: str, what: str, extra: list[str], multi: bool) -> None:
         """One get-key with every URL when it fails over itself; else one URL after the
         other, on "unreachable" (exit 3) only, sharing the deadline."""
-        end = time.monotonic() + deadline
-        groups = [list(urls)] if multi else [[u] for u in urls]
+        kms = self.config.kms
+        assert kms is not None
+        end = time.monotonic() + kms.deadline
+        groups = [list(kms.urls)] if multi else [[u] for u in kms.urls]
         code = EXIT_UNAVAILABLE
         for n, group in enumerate(groups):
             left = (end - time.monotonic()) / (len(groups) - n)
             if left <= 0:
                 break
-            code = self.run_command(self._get_key_args(keyset, group, left), self.line)
+            code = self.run_command([*self._kms_args(group, left), *extra], self.line)
             if code == 0:
                 return
             if code != EXIT_UNAVAILABLE:
                 break
             if n + 1 < len(groups):
                 self.log("warning", "kms_failover", {"from": group[0], "to": groups[n + 1][0]})
-        raise StepFailed(
-            "keys", code, f"keyutil get-key for {', '.join(keyset.names)} exited {code}"
-        )
+        raise StepFailed(step, code, f"keyutil get-key for {what} exited {code}")
 
     def step_sealed(self) -> None:
-        if not self.config.sealed:
-            return
-        import importlib.util
+        """Files: ``get-key --type age --unseal`` (the identity never leaves that process;
+        the plaintext appears at dest only once all of it authenticated). Dotenv files:
+        opened here, in memory, into the app's environment (names logged, never values)."""
+        multi, _ = self.features()
+        for sealed in self.config.sealed:
+            if sealed.format == "dotenv":
+                variables = self.open_sealed_env(sealed)
+                self.sealed_env.update(variables)
+                self.log(
+                    "info",
+                    "sealed_env",
+                    {"source": sealed.source, "key": sealed.key, "names": sorted(variables)},
+                )
+                continue
+            assert sealed.dest is not None
+            args = ["--key", sealed.key, "--type", "age", "--unseal", sealed.source]
+            args += ["--unseal-to", sealed.dest]
+            if sealed.via is not None:
+                args += ["--via", sealed.via]
+            if sealed.source_ca is not None:
+                args += ["--source-ca", sealed.source_ca]
+            self._get_key("sealed", sealed.source, args, multi)
+            self.log("info", "sealed_opened", {"source": sealed.source, "dest": sealed.dest})
 
-        if importlib.util.find_spec("keyutil.sealing") is None:
-            raise StepFailed(
-                "sealed",
-                EXIT_USAGE,
-                f"the config lists {len(self.config.sealed)} sealed file(s), but this keyutil "
-                "cannot open sealed files (no keyutil.sealing)",
-            )
-        raise StepFailed("sealed", EXIT_USAGE, "keyutil.sealing is not wired into keyutil run")
+    def open_sealed_env(self, sealed: Sealed) -> dict[str, str]:
+        """Release the age identity ``sealed.key`` (failing over on unavailable), open the
+        dotenv file with it and parse it; StepFailed("sealed", code) on any refusal."""
+        from keyutil.sealing.age import SealedError, unseal
+        from keyutil.sealing.dotenv import DotenvError, parse_dotenv
+        from keyutil.sealing.streams import SourceError, open_source
+
+        identity = self._release_age_identity(sealed.key)
+        plaintext = bytearray()
+        try:
+            timeout = self.config.kms.deadline if self.config.kms else 60.0
+            with open_source(
+                sealed.source, via=sealed.via, ca_file=sealed.source_ca, timeout=timeout
+            ) as source:
+                unseal(source, plaintext.extend, identity)
+            return parse_dotenv(plaintext)
+        except (SourceError, SealedError, DotenvError) as e:
+            code = getattr(e, "code", "dotenv_invalid")
+            raise StepFailed("sealed", EXIT_SEALED, f"{code}: {sealed.source}: {e}") from None
+        finally:
+            plaintext[:] = bytes(len(plaintext))
+            del identity
+
+    def _release_age_identity(self, name: str) -> Any:
+        from keyutil.client import (
+            AnswerRejected,
+            KmsDenied,
+            KmsUnavailable,
+            ReleaseRequest,
+            release_keys,
+        )
+        from keyutil.nsm import NsmError, open_nsm
+        from keyutil.sealing.age import Identity
+        from keyutil.transport import HttpTransport
+
+        kms = self.config.kms
+        assert kms is not None
+        pubkey = kms.pubkey
+        try:
+            if pubkey is not None and pubkey.startswith("@"):
+                pubkey = Path(pubkey[1:]).read_text().strip()
+            request = ReleaseRequest.build([name], types=["age"], identity=pubkey)
+            nsm_kind: Any = self.environ.get("KEYUTIL_NSM", "auto")
+            sim_dir = self.environ.get("KEYUTIL_SIM_DIR")
+            nsm = open_nsm(nsm_kind, sim_dir=Path(sim_dir) if sim_dir else None)
+        except (OSError, ValueError) as e:
+            raise StepFailed("sealed", EXIT_USAGE, f"cannot release {name}: {e}") from None
+        except NsmError as e:
+            raise StepFailed("sealed", EXIT_NSM, f"{e.code}: {e.message}") from None
+        end = time.monotonic() + kms.deadline
+        error: Exception = KmsUnavailable("unreachable", "no KMS tried")
+        for n, url in enumerate(kms.urls):
+            left = (end - time.monotonic()) / (len(kms.urls) - n)
+            try:
+                transport = HttpTransport.from_url(url, ca_file=kms.ca)
+                release = release_keys(transport, nsm, request, deadline_s=left, log=self.log)
+            except KmsUnavailable as e:
+                error = e
+                continue
+            except (KmsDenied, AnswerRejected, NsmError, ValueError) as e:
+                error = e
+                break
+            try:
+                return Identity(bytes(release.keys[0].value))
+            finally:
+                release.wipe()
+        code = {KmsDenied: EXIT_DENIED, AnswerRejected: EXIT_UNAUTHENTICATED, NsmError: EXIT_NSM}
+        raise StepFailed(
+            "sealed",
+            code.get(type(error), EXIT_UNAVAILABLE if isinstance(error, KmsUnavailable) else 2),
+            f"releasing the age identity {name}: {getattr(error, 'code', '')}: {error}",
+        )
 
     def step_forward(self) -> None:
         for forward in self.config.forwards:
@@ -409,6 +505,7 @@ class Supervisor:
         env = {k: v for k, v in self.environ.items() if not k.startswith(RESERVED_ENV_PREFIX)}
         env.update(self.settings)
         env.update(self.config.app.env)
+        env.update(self.sealed_env)  # the image author's sealed secrets win
         return env
 
     def step_app(self) -> None:
