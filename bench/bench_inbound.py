@@ -35,24 +35,27 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import KEYUTIL, PYTHON, environment, free_port
-from streamlib import CHUNK, Contender, measure, serve, summary
+from streamlib import Contender, connect_unix, rounds, serve
 
 
 class Chain(Contender):
     """Two forwarder processes; the client connects over TCP to the first one."""
 
     def __init__(self, name: str, first: list[str], second: list[str], port: int,
-                 work: Path) -> None:
-        super().__init__(name, first, work / f"{name}.unused", work / f"{name}-1.log")
+                 work: Path, hop: Path) -> None:
+        super().__init__(name, first, hop, work / f"{name}-1.log")
         self.second_argv, self.port = second, port
         self.second: subprocess.Popen[bytes] | None = None
         self.second_log = work / f"{name}-2.log"
-        self.cpu_pids: list[int] = []
+
+    def pids(self) -> list[int]:
+        return super().pids() + ([self.second.pid] if self.second is not None else [])
 
     def start(self) -> None:
         with self.second_log.open("wb") as log:
             self.second = subprocess.Popen(self.second_argv, stdout=subprocess.DEVNULL,
                                            stderr=log)
+        connect_unix(self.sock_path).close()  # the second hop listens before the first starts
         with self.log.open("wb") as log:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log)
         end = time.monotonic() + 20
@@ -92,7 +95,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              f"unix://{work}/k.sock", "--idle-timeout", "600"],
             [KEYUTIL, "proxy", "--listen", f"unix://{work}/k.sock", "--to",
              f"tcp://127.0.0.1:{app}", "--idle-timeout", "600"],
-            a, work,
+            a, work, work / "k.sock",
         )
         theirs = Chain(
             "socat",
@@ -100,43 +103,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
              f"UNIX-CONNECT:{work}/s.sock"],
             [socat, *args.socat_arg, f"UNIX-LISTEN:{work}/s.sock,fork",
              f"TCP:127.0.0.1:{app},nodelay"],
-            b, work,
+            b, work, work / "s.sock",
         )
         chains = [ours, theirs]
         for c in chains:
             c.start()
         direct = socket.create_connection(("127.0.0.1", app))
         direct.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        import os
-
-        block, buf = memoryview(os.urandom(CHUNK)), bytearray(CHUNK)
-        d_up: list[float] = []
-        d_down: list[float] = []
-        d_rtts: list[float] = []
-        for rep in range(args.repeats + 1):  # the first round warms up, untimed
-            for c in chains if rep % 2 == 0 else chains[::-1]:
-                assert c.sock is not None
-                up, down, rtts = measure(c, c.sock, args, block, buf)
-                if rep:
-                    c.up.append(up)
-                    c.down.append(down)
-                    c.rtts += rtts
-            up, down, rtts = measure(None, direct, args, block, buf)
-            if rep:
-                d_up.append(up)
-                d_down.append(down)
-                d_rtts += rtts
+        try:
+            results = rounds(chains, direct, args)
+        except OSError as e:
+            logs = [p for c in chains for p in (c.log, c.second_log) if p.exists()]
+            raise SystemExit(
+                f"a chain broke: {e}; the logs:\n" + "\n".join(p.read_text()[-2000:] for p in logs)
+            ) from None
         direct.close()
-        results = {"direct": summary(d_up, d_down, d_rtts)}
-        for c in chains:
-            s = summary(c.up, c.down, c.rtts)
-            s["added_rtt_us_median"] = s["rtt_us_median"] - results["direct"]["rtt_us_median"]
-            s["added_rtt_us_p99"] = s["rtt_us_p99"] - results["direct"]["rtt_us_p99"]
-            results[c.name] = s
         ratios = {
             key: results["keyutil"][key] / results["socat"][key]
             for key in ("up_mb_s_median", "down_mb_s_median", "added_rtt_us_median",
-                        "added_rtt_us_p99")
+                        "added_rtt_us_p99", "cpu_s_per_gb")
             if results["socat"][key]
         }
         return {

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -41,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from benchlib import KEYUTIL, PYTHON, environment
-from streamlib import CHUNK, HEADER, PING, Contender, measure, serve, summary
+from streamlib import HEADER, PING, Contender, rounds, serve
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -77,35 +76,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             c.start()
         direct = socket.create_connection(("127.0.0.1", port))
         direct.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        block, buf = memoryview(os.urandom(CHUNK)), bytearray(CHUNK)
-        d_up: list[float] = []
-        d_down: list[float] = []
-        d_rtts: list[float] = []
-        for rep in range(args.repeats + 1):  # the first round warms up, untimed
-            order = contenders if rep % 2 == 0 else contenders[::-1]
-            for c in order:
-                assert c.sock is not None
-                up, down, rtts = measure(c, c.sock, args, block, buf)
-                if rep:
-                    c.up.append(up)
-                    c.down.append(down)
-                    c.rtts += rtts
-            up, down, rtts = measure(None, direct, args, block, buf)
-            if rep:
-                d_up.append(up)
-                d_down.append(down)
-                d_rtts += rtts
+        results = rounds(contenders, direct, args)
         direct.close()
-        results = {"direct": summary(d_up, d_down, d_rtts)}
-        for c in contenders:
-            s = summary(c.up, c.down, c.rtts)
-            s["added_rtt_us_median"] = s["rtt_us_median"] - results["direct"]["rtt_us_median"]
-            s["added_rtt_us_p99"] = s["rtt_us_p99"] - results["direct"]["rtt_us_p99"]
-            s["cpu_s_per_gb"] = c.cpu / (c.bytes_moved / 1e9) if c.bytes_moved else float("nan")
-            results[c.name] = s
-        rounds, total = args.repeats + 1, args.mb * (1 << 20)
-        expect_to_dest = rounds * (total + args.rtts * PING + 3 * HEADER.size)
-        expect_to_client = rounds * (total + args.rtts * PING + 1)  # 1: the upload's answer
+        n, total = args.repeats + 1, args.mb * (1 << 20)
+        expect_to_dest = n * (total + args.rtts * PING + 3 * HEADER.size)
+        expect_to_client = n * (total + args.rtts * PING + 1)  # 1: the upload's answer
         exit_codes = {c.name: c.stop() for c in contenders}
         lines = [json.loads(x) for x in ours.log.read_text().splitlines() if x.startswith("{")]
         conn = next((x for x in lines if x.get("event") == "connection"), None)

@@ -17,6 +17,7 @@ import struct
 import subprocess
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 from benchlib import cpu_seconds, percentile
@@ -150,6 +151,10 @@ class Contender:
             self.proc = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=log)
         self.sock = connect_unix(self.sock_path)
 
+    def pids(self) -> list[int]:
+        """The processes whose CPU time counts for this contender."""
+        return [self.proc.pid] if self.proc is not None else []
+
     def stop(self) -> int | None:
         if self.sock is not None:
             self.sock.close()
@@ -172,13 +177,13 @@ def measure(
 ) -> tuple[float, float, list[float]]:
     """(upload MB/s, download MB/s, round-trip times) on one connection; CPU to ``c``."""
     total = args.mb * (1 << 20)
-    pid = c.proc.pid if c is not None and c.proc is not None else None
-    before = cpu_seconds(pid, with_children=True) if pid is not None else 0.0
+    pids = c.pids() if c is not None else []
+    before = sum(cpu_seconds(pid, with_children=True) for pid in pids)
     up = upload(sock, total, block)
     down = download(sock, total, buf)
     rtts = ping_pong(sock, args.rtts)
-    if c is not None and pid is not None:
-        c.cpu += cpu_seconds(pid, with_children=True) - before
+    if c is not None and pids:
+        c.cpu += sum(cpu_seconds(pid, with_children=True) for pid in pids) - before
         c.bytes_moved += 2 * total
     return total / up / MB, total / down / MB, rtts
 
@@ -192,3 +197,37 @@ def summary(up: list[float], down: list[float], rtts: list[float]) -> dict[str, 
     }
 
 
+
+
+def rounds(
+    contenders: Sequence[Contender], direct: socket.socket, args: argparse.Namespace
+) -> dict[str, dict[str, float]]:
+    """One warm-up round, then ``args.repeats`` timed ones, each measuring every contender
+    (the order alternates, so background load hits them alike) and the direct connection.
+    The summaries, with the latency each contender adds over the direct path and its CPU
+    seconds per GB."""
+    block, buf = memoryview(os.urandom(CHUNK)), bytearray(CHUNK)
+    d_up: list[float] = []
+    d_down: list[float] = []
+    d_rtts: list[float] = []
+    for rep in range(args.repeats + 1):
+        for c in contenders if rep % 2 == 0 else contenders[::-1]:
+            assert c.sock is not None
+            up, down, rtts = measure(c, c.sock, args, block, buf)
+            if rep:
+                c.up.append(up)
+                c.down.append(down)
+                c.rtts += rtts
+        up, down, rtts = measure(None, direct, args, block, buf)
+        if rep:
+            d_up.append(up)
+            d_down.append(down)
+            d_rtts += rtts
+    results = {"direct": summary(d_up, d_down, d_rtts)}
+    for c in contenders:
+        s = summary(c.up, c.down, c.rtts)
+        s["added_rtt_us_median"] = s["rtt_us_median"] - results["direct"]["rtt_us_median"]
+        s["added_rtt_us_p99"] = s["rtt_us_p99"] - results["direct"]["rtt_us_p99"]
+        s["cpu_s_per_gb"] = c.cpu / (c.bytes_moved / 1e9) if c.bytes_moved else float("nan")
+        results[c.name] = s
+    return results

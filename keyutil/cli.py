@@ -891,30 +891,13 @@ def wait_ready_command(
         deadline,
         on_attempt=attempt,
     )
+    answer: dict[str, Any] = {"target": target, "attempts": result.attempts}
     if isinstance(result, GaveUp):
-        click.echo(
-            json.dumps(
-                {
-                    "status": "not_ready",
-                    "target": target,
-                    "attempts": result.attempts,
-                    "error": result.last_error,
-                }
-            )
-        )
+        click.echo(json.dumps({"status": "not_ready", **answer, "error": result.last_error}))
         log.fail(EXIT_UNAVAILABLE, "not_ready", attempts=result.attempts, error=result.last_error)
         return
-    click.echo(
-        json.dumps(
-            {
-                "status": "ready",
-                "target": target,
-                "attempts": result.attempts,
-                "elapsed_s": result.elapsed_s,
-                "detail": result.detail,
-            }
-        )
-    )
+    answer.update(elapsed_s=result.elapsed_s, detail=result.detail)
+    click.echo(json.dumps({"status": "ready", **answer}))
 
 
 def main(argv: Sequence[str] | None = None) -> None:
