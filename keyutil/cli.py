@@ -781,7 +781,13 @@ def run_enclave(config_path: str) -> None:
     envvar="KEYUTIL_LOGS_APPEND",
     help="Also append every line to FILE.",
 )
-@log_format_option
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Each record on stdout as a text line, or as a JSON object with ts, cid, stream "
+    "and line (events: event and its fields).",
+)
 def logs(listen: str, append_path: str | None, log_format: str) -> None:
     """Print what enclaves send over the log bridge ('keyutil run' with [log] to).
 

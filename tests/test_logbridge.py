@@ -350,3 +350,32 @@ def test_records_before_the_bad_bytes_are_kept() -> None:
     with pytest.raises(WireError) as e:
         LogReader().feed(HELLO + encode_line("stdout", 1.0, "kept") + b"\x09" * 8)
     assert e.value.records == [LogLine("stdout", 1.0, "kept")]
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "message"),
+    [
+        (["--listen", "udp://:9000"], 2, "expected vsock://[CID]:PORT"),
+        (["--listen", "unix:///nonexistent-dir/log.sock"], 3, "listen_failed"),
+        (["--listen", "unix:///tmp/x.sock", "--append", "/nonexistent-dir/all.log"], 7,
+         "append_failed"),
+    ],
+)
+def test_logs_usage_listen_and_append_errors(args: list[str], code: int, message: str) -> None:
+    done = subprocess.run([KEYUTIL, "logs", *args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == code
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_logs_refuses_a_socket_another_sink_listens_on(sockdir: Path) -> None:
+    first = LogsProcess(sockdir, f"unix://{sockdir}/log.sock")
+    try:
+        wait_until((sockdir / "log.sock").exists, what="the first sink")
+        done = subprocess.run([KEYUTIL, "logs", "--listen", f"unix://{sockdir}/log.sock"],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 3
+        assert "another process is listening" in done.stderr
+    finally:
+        assert first.stop() == 0
+    assert not (sockdir / "log.sock").exists()  # removed at stop
