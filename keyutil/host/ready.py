@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator
 
 from keyutil.proxy import Destination, EnclaveFinder, connect_destination, find_enclave_cid
 
-SETTLE = 0.3
+SETTLE = 1.0  # a forwarder that looks its target up (nitro-cli) needs a moment to fail
 ATTEMPT_TIMEOUT = 3.0
 
 
