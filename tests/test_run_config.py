@@ -346,3 +346,30 @@ def test_destinations_for_the_enclave_side() -> None:
     config = parse_config(APP + '[log]\nto = "unix:///run/log.sock"\n')
     assert config.log.to == UnixDest("/run/log.sock")
     assert not isinstance(config.log.to, EnclaveDest)
+
+
+def test_sigterm_during_get_key_stops_it_at_once(tmp_path: Path) -> None:
+    """A get-key waiting for its 60 s deadline (here: a command that sleeps) gets the
+    SIGTERM too, and the boot ends with 128+15 right away."""
+    import os
+    import threading
+    import time
+
+    lines: list[str] = []
+    config = parse_config(KEYS.replace("{d}", str(tmp_path)))
+    sup = Supervisor(
+        config,
+        net_up=lambda: {"interface": "lo"},
+        mount=lambda path, size: None,
+        volatile=lambda path: True,
+        keyutil=["sh", "-c", "exec sleep 30", "stand-in"],
+        features=lambda: (False, False),
+    )
+    sup.line = lines.append  # type: ignore[method-assign]
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    started = time.monotonic()
+    assert sup.run() == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 10
+    failed = _failed(lines)
+    assert failed["step"] == "keys"
+    assert failed["message"] == "stopped by SIGTERM during app"

@@ -121,15 +121,25 @@ def become_subreaper() -> bool:
     return int(libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)) == 0
 
 
-def run_command(argv: Sequence[str], line: Callable[[str], None]) -> int:
+def run_command(
+    argv: Sequence[str],
+    line: Callable[[str], None],
+    started: Callable[[subprocess.Popen[bytes] | None], None] = lambda child: None,
+) -> int:
+    """Run a boot step's command, each stderr line to ``line``; ``started(child)`` lets the
+    supervisor pass a SIGTERM on to it (and ``started(None)`` when it is gone)."""
     with subprocess.Popen(
         list(argv), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     ) as child:
-        stderr = child.stderr
-        assert stderr is not None
-        for raw in iter(lambda: stderr.readline(MAX_LINE), b""):
-            line(raw.rstrip(b"\n").decode("utf-8", "replace"))
-        return child.wait()
+        started(child)
+        try:
+            stderr = child.stderr
+            assert stderr is not None
+            for raw in iter(lambda: stderr.readline(MAX_LINE), b""):
+                line(raw.rstrip(b"\n").decode("utf-8", "replace"))
+            return child.wait()
+        finally:
+            started(None)
 
 
 def keyutil_command() -> list[str]:
@@ -162,7 +172,7 @@ class Supervisor:
         net_up: Callable[[], Mapping[str, Any]] | None = None,
         mount: Mount = mount_tmpfs,
         volatile: Callable[[str], bool] = is_volatile,
-        run: RunCommand = run_command,
+        run: RunCommand | None = None,
         keyutil: Sequence[str] | None = None,
         features: Callable[[], tuple[bool, bool]] = get_key_features,
         environ: Mapping[str, str] | None = None,
@@ -171,7 +181,9 @@ class Supervisor:
         self.console_out = console_out or sys.stdout.buffer
         self.console_err = console_err or sys.stderr.buffer
         self._net_up = net_up
-        self.mount, self.volatile, self.run_command = mount, volatile, run
+        self.mount, self.volatile = mount, volatile
+        self.run_command: RunCommand = run or self._run_boot_command
+        self._boot_child: subprocess.Popen[bytes] | None = None
         self.keyutil = list(keyutil) if keyutil is not None else keyutil_command()
         self.features = features
         self.environ = dict(os.environ if environ is None else environ)
@@ -182,6 +194,12 @@ class Supervisor:
         self.app: subprocess.Popen[bytes] | None = None
         self._console_lock = threading.Lock()
         self._stop_signal: int | None = None
+
+    def _run_boot_command(self, argv: Sequence[str], line: Callable[[str], None]) -> int:
+        def started(child: subprocess.Popen[bytes] | None) -> None:
+            self._boot_child = child
+
+        return run_command(argv, line, started)
 
     # -- logging: the console and the bridge --
     def _console(self, stream: IO[bytes], data: bytes) -> None:
@@ -330,6 +348,12 @@ class Supervisor:
             if left <= 0:
                 break
             code = self.run_command([*self._kms_args(group, left), *extra], self.line)
+            if self._stop_signal is not None:
+                raise StepFailed(
+                    step,
+                    128 + self._stop_signal,
+                    f"stopped by {signal.Signals(self._stop_signal).name} during {what}",
+                )
             if code == 0:
                 return
             if code != EXIT_UNAVAILABLE:
@@ -528,7 +552,11 @@ class Supervisor:
     def _on_signal(self, signum: int, frame: Any) -> None:
         app = self.app
         if app is None or app.returncode is not None:
-            self._stop_signal = signum
+            self._stop_signal = signum  # the boot stops before its next step
+            child = self._boot_child
+            if child is not None:  # and a get-key waiting for its deadline stops now
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(signum)
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(app.pid, signum)
