@@ -12,7 +12,8 @@ and ``KEYUTIL_SIM_DIR`` for every command; the KMS is ``KEYUTIL_KMS`` and its id
 ``KEYUTIL_KMS_PUBKEY``.
 Exit codes are stable: 0 success, 2 usage, 3 KMS unreachable by the deadline, 4 denied by
 the KMS, 5 NSM error, 6 the KMS answer failed authentication, 7 output error, 8 network
-set-up error (net-up), 10 the app could not be started (run: workdir, command).
+set-up error (net-up), 9 sealed input refused, 10 the app could not be started (run:
+workdir, command).
 """
 
 from __future__ import annotations
@@ -88,8 +89,9 @@ def cli() -> None:
     \b
     Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
     4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
-    7 output error, 8 network set-up error (net-up), 10 the app could not be
-    started (run). 'keyutil run' exits with the app's own status once it ran.
+    7 output error, 8 network set-up error (net-up), 9 sealed input refused,
+    10 the app could not be started (run). 'keyutil run' exits with the app's own
+    status once it ran.
     """
 
 
