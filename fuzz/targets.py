@@ -770,9 +770,19 @@ def _provenance_target(corpus: Corpus, mutator: Mutator) -> Target:
 
 
 TARGETS["provenance"] = _provenance_target
+SEALED_TARGET_NAMES = ("sealed", "dotenv")
 
 
 def make_target(name: str, corpus: Corpus | None = None) -> Target:
+    if name == "logwire":  # needs no attestation corpus
+        from fuzz.logwire import LogWireTarget
+
+        return LogWireTarget()
+    if name in SEALED_TARGET_NAMES:
+        # fuzz/sealed.py imports this module; its targets need no corpus of documents.
+        from fuzz.sealed import SEALED_TARGETS
+
+        return SEALED_TARGETS[name]()
     corpus = corpus or Corpus.create()
     return TARGETS[name](corpus, Mutator(corpus))
 

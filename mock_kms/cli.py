@@ -270,6 +270,36 @@ def identity(state_dir: Path) -> None:
 
 
 @cli.command()
+@state_dir_option
+@click.option("--app", required=True, envvar="MOCK_KMS_RECIPIENT_APP",
+              help="The application: its name (as in --allow-image HASH=APP) or 0x + 64 hex.")
+@click.option("--key", "key_name", required=True, envvar="MOCK_KMS_RECIPIENT_KEY",
+              help="The key's name.")
+@click.option("--type", "key_type", default="age", show_default=True,
+              envvar="MOCK_KMS_RECIPIENT_TYPE", help="The key's type.")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print the signed statement (as GET /v1/recipient answers) instead.")
+def recipient(state_dir: Path, app: str, key_name: str, key_type: str, as_json: bool) -> None:
+    """Print an application's age recipient (age1...), offline, from the state directory.
+
+    The same value GET /v1/recipient serves and 'keyutil recipient' checks; no chain and no
+    attestation needed: seal data to an application before its first image is registered.
+    Exit codes: 0 printed, 1 invalid application, key name or type, or unusable state.
+    """
+    from mock_kms.recipients import recipient_statement
+    from mock_kms.state import KmsState
+
+    try:
+        statement = recipient_statement(
+            KmsState.load_or_create(state_dir), app=app, name=key_name, key_type=key_type
+        )
+    except KmsError as e:
+        click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
+        sys.exit(EXIT_INVALID)
+    click.echo(json.dumps(statement) if as_json else statement["recipient"])
+
+
+@cli.command()
 @click.option("--host", default="127.0.0.1", envvar="MOCK_KMS_HOST", help="Address to listen on.")
 @click.option(
     "--port", type=click.IntRange(0, 65535), default=8420, envvar="MOCK_KMS_PORT", help="TCP port."

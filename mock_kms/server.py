@@ -15,6 +15,7 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 ``GET  /v1/identity``      ``{"identity": "ed25519:..."}``, the key enclaves pin
 ``GET  /v1/provenance``    ``?application=APP&name=NAME&type=TYPE``: the signed provenance
                            statement of a typed key (public; no attestation needed)
+``GET  /v1/recipient``     ``?app=APP&key=NAME``: an application's age recipient, signed
 ``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms,
                            ``kms_build_info{version}`` and ``kms_ready`` (1 ready, 0 not)
 =========================  ===================================================================
@@ -159,6 +160,7 @@ class KmsApp:
             ("POST", "/v1/challenge"): self._challenge,
             ("POST", "/v1/release"): self._release,
             ("GET", "/v1/provenance"): self._provenance,
+            ("GET", "/v1/recipient"): self._recipient,
         }
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -240,6 +242,26 @@ class KmsApp:
 
     def _identity(self, environ: Environ) -> tuple[int, Any]:
         return 200, {"identity": self.service.state.identity_text}
+
+    def _recipient(self, environ: Environ) -> tuple[int, Any]:
+        """``?app=APP&key=NAME[&type=age]``: the signed public half (docs/sealing.md)."""
+        from urllib.parse import parse_qs
+
+        from mock_kms.recipients import recipient_statement
+
+        query = parse_qs(str(environ.get("QUERY_STRING", ""))[:1024], keep_blank_values=True)
+        if set(query) - {"app", "key", "type"} or any(len(v) != 1 for v in query.values()):
+            raise InvalidError(
+                ErrorCode.BAD_REQUEST, "expected the query app=APP&key=NAME[&type=TYPE], once each"
+            )
+        if "app" not in query or "key" not in query:
+            raise InvalidError(ErrorCode.BAD_REQUEST, "expected the query app=APP&key=NAME")
+        return 200, recipient_statement(
+            self.service.state,
+            app=query["app"][0],
+            name=query["key"][0],
+            key_type=query.get("type", ["age"])[0],
+        )
 
     def _challenge(self, environ: Environ) -> tuple[int, Any]:
         self.metrics.challenges.inc()
