@@ -756,6 +756,15 @@ TARGETS: dict[str, Callable[[Corpus, Mutator], Target]] = {
 }
 
 
+def _provenance_target(corpus: Corpus, mutator: Mutator) -> Target:
+    from fuzz.provenance_target import ProvenanceTarget  # it imports this module
+
+    return ProvenanceTarget(corpus, mutator)
+
+
+TARGETS["provenance"] = _provenance_target
+
+
 SEALED_TARGET_NAMES = ("sealed", "dotenv")
 
 

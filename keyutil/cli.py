@@ -318,7 +318,8 @@ def _identity_text(value: str | None) -> str | None:
     multiple=True,
     default=["raw"],
     help="Key type: raw (bytes), age (an AGE-SECRET-KEY-1 identity file, as 'age -d -i' "
-    "reads it); once for all keys, or once per --key in order.",
+    "reads it), ed25519 or secp256k1 (signing keys, see --key-format and --provenance-out); "
+    "once for all keys, or once per --key in order.",
 )
 @click.option(
     "--suite",
@@ -364,6 +365,17 @@ def _identity_text(value: str | None) -> str | None:
     type=click.Path(exists=True, dir_okay=False),
     help="For --unseal https://: trust only this CA file.",
 )
+@click.option(
+    "--key-format",
+    help="File format of typed keys: ed25519 'pem' (PKCS#8, default) or 'raw' (32 bytes); "
+    "secp256k1 is always 'hex' (0x + 64 hex digits, as cast and web3 read it), age 'age'.",
+)
+@click.option(
+    "--provenance-out",
+    type=click.Path(dir_okay=False),
+    help="Write the KMS's provenance statement of the (one) typed key to FILE: public, "
+    "check it with 'keyutil verify-provenance'.",
+)
 @deadline_option(60.0)
 @nsm_option
 @sim_dir_option
@@ -383,6 +395,8 @@ def get_key(
     to_stdout: bool,
     fmt: Literal["raw", "hex", "base64"],
     allow_persistent: bool,
+    key_format: str | None,
+    provenance_out: str | None,
     unseal_source: str | None,
     unseal_to: str | None,
     via: str | None,
@@ -457,6 +471,7 @@ def get_key(
         raise click.UsageError("--format hex/base64 applies to raw keys only")
     if out_dir is not None and len({k.name for k in request.keys}) != len(request.keys):
         raise click.UsageError("--out-dir writes DIR/NAME: one type per key name")
+    _check_typed_options(request.keys, key_format, provenance_out)
     transport = _transport(kms_url, kms_ca)
     sink: Sink
     if out is not None:
@@ -498,6 +513,8 @@ def get_key(
     except AnswerRejected as e:
         log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code=e.code, message=e.message)
         return
+    if provenance_out is not None:
+        _write_statement(log, release, provenance_out)
     if unseal_source is not None:
         from keyutil.sealing.age import Identity
 
@@ -510,7 +527,7 @@ def get_key(
         )
         return
     # Typed keys are written as their type's file (an age identity), raw keys as bytes.
-    files = tuple(k if k.type == "raw" else k.private_file() for k in release.keys)
+    files = tuple(k if k.type == "raw" else k.private_file(key_format) for k in release.keys)
     try:
         sink.write(files)
     except OutputError as e:
@@ -706,6 +723,115 @@ def net_up(log_format: str) -> None:
         log.fail(EXIT_NETWORK, "net_up_failed", code=e.code, message=e.message)
         return
     log("info", "net_up", report.to_json())
+
+
+# -- typed keys' provenance (issue 12) --------------------------------------------------------
+
+
+def _check_typed_options(keys: Sequence[Any], key_format: str | None,
+                         provenance_out: str | None) -> None:
+    from keyutil import keytypes
+
+    typed = [k for k in keys if k.type != keytypes.DEFAULT_TYPE]
+    if key_format is not None:
+        for k in typed or keys:
+            if key_format not in keytypes.get(k.type).formats:
+                raise click.UsageError(
+                    f"--key-format {key_format}: a {k.type} key is written as "
+                    f"{' or '.join(keytypes.get(k.type).formats)}"
+                )
+    if provenance_out is not None and len(typed) != 1:
+        raise click.UsageError(
+            f"--provenance-out takes the statement of one typed key; {len(typed)} asked"
+        )
+
+
+def _write_statement(log: Any, release: Any, path: str) -> None:
+    """The statement is public: a plain file (mode 0644), written atomically."""
+    statement = next((s for s in release.statements if s is not None), None)
+    if statement is None:
+        release.wipe()
+        log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code="answer_provenance_missing",
+                 message="the KMS sent no provenance statement for the typed key")
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(statement.to_bytes())
+        os.replace(tmp, target)
+    except OSError as e:
+        release.wipe()
+        log.fail(EXIT_OUTPUT, "output_error", code="provenance_write",
+                 message=f"cannot write {path}: {e.strerror}")
+
+
+@cli.command("verify-provenance")
+@click.argument("statement_file", metavar="STATEMENT_FILE",
+                type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--kms-pubkey", required=True,
+              help="The KMS identity to trust, ed25519:BASE64 or @FILE (as get-key takes it).")
+@click.option("--application", help="Also require this application (a name or 0x + 64 hex).")
+@click.option("--name", "key_name", help="Also require this key name.")
+@click.option("--type", "key_type", help="Also require this key type.")
+@click.option("--public-key", help="Also require this public key (as the statement writes it).")
+@click.option("--chain-id", type=int, help="Also require this chain id.")
+@click.option("--contract", help="Also require this allowlist contract address.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def verify_provenance(statement_file: str, kms_pubkey: str, application: str | None,
+                      key_name: str | None, key_type: str | None, public_key: str | None,
+                      chain_id: int | None, contract: str | None, as_json: bool) -> None:
+    """Check a provenance statement offline: signed by the KMS identity --kms-pubkey and, for
+    secp256k1, by the signer it names (EIP-712; needs eth-account, the [provenance] extra),
+    with the address that of its public key. Prints what it proves.
+
+    \b
+    Whether the signer is the one registered on chain now is the contract's to say
+    (ProvenanceCheck.belongsTo); this command needs no network.
+    \b
+    Exit codes: 0 valid, 2 usage (unreadable file, bad option, eth-account missing),
+    6 the statement is malformed or does not verify ({"error": CODE, ...} with --json).
+    """
+    from keyutil import protocol, provenance
+
+    identity_text = _identity_text(kms_pubkey)
+    assert identity_text is not None
+    try:
+        identity = protocol.parse_identity(identity_text)
+    except protocol.ProtocolError as e:
+        raise click.BadParameter(e.message, param_hint="--kms-pubkey") from None
+    app = None
+    if application is not None:
+        raw = application.encode()
+        app = (bytes.fromhex(application[2:]) if application.startswith("0x")
+               and len(application) == 66 else raw.ljust(32, b"\0"))
+        if len(app) != 32:
+            raise click.BadParameter("expected a name of at most 32 characters or 0x + 64 hex",
+                                     param_hint="--application")
+    try:
+        with click.open_file(statement_file, "rb") as fh:
+            data = fh.read(provenance.MAX_STATEMENT_SIZE + 1)
+    except OSError as e:
+        raise click.BadParameter(f"cannot read it: {e.strerror}",
+                                 param_hint="STATEMENT_FILE") from None
+    try:
+        verified = provenance.verify_statement(
+            data, identity, application=app, name=key_name, key_type=key_type,
+            public_key=public_key, chain_id=chain_id, contract=contract)
+    except provenance.ProvenanceError as e:
+        if as_json:
+            click.echo(json.dumps({"error": e.code, "message": e.message}))
+        _fail(EXIT_USAGE if e.code == "dependency_missing" else EXIT_UNAUTHENTICATED,
+              f"{e.code}: {e.message}")
+        return
+    result = verified.to_json()
+    if as_json:
+        click.echo(json.dumps({"valid": True, **result}, sort_keys=True))
+        return
+    click.echo(f"valid: {result['type']} key {result['name']!r} of application "
+               f"{result['application']}")
+    for field in ("public_key", "address", "kms_identity", "signer", "chain_id", "contract"):
+        if field in result:
+            click.echo(f"{field:<13} {result[field]}")
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -182,6 +182,8 @@ class Release:
     application: str
     os_image_hash: str
     attempts: int
+    # One per key: the KMS's provenance statement of a typed key (checked), else None.
+    statements: tuple[Any, ...] = ()
 
     def wipe(self) -> None:
         for key in self.keys:
@@ -343,6 +345,42 @@ def open_keys(
     return tuple(opened)
 
 
+def check_statements(
+    request: ReleaseRequest, keys: Sequence[ReleasedKey], answer: Mapping[str, Any]
+) -> tuple[Any, ...]:
+    """The provenance statement of each typed key (None where the answer has none), each
+    checked against what the enclave knows: signed by the pinned KMS identity (when one is
+    pinned), for the answer's application, this key's name and type, and the public half of
+    the key just opened. (The secp256k1 signer's EIP-712 signature is for contracts and
+    ``verify-provenance``: checking it needs keccak, which the enclave does not carry.)"""
+    from keyutil import provenance
+
+    out: list[provenance.ProvenanceStatement | None] = []
+    for key, given in zip(keys, answer["keys"], strict=True):
+        raw = given.get("provenance") if isinstance(given, dict) else None
+        if raw is None or key.type == keytypes.DEFAULT_TYPE:
+            out.append(None)
+            continue
+        try:
+            statement = provenance.parse_statement(raw)
+            if request.identity is not None:
+                provenance.check_identity(statement, request.identity)
+        except ProtocolError as e:
+            raise _reject("answer_provenance_invalid", f"key {key.name!r}: {e.message}") from None
+        public = keytypes.get(key.type).public(bytes(key.value))
+        if (
+            "0x" + statement.application.hex() != answer["application"]
+            or (statement.name, statement.key_type) != (key.name, key.type)
+            or statement.public_key != public
+        ):
+            raise _reject(
+                "answer_provenance_invalid",
+                f"key {key.name!r}: the statement is not about this application and key",
+            )
+        out.append(statement)
+    return tuple(out)
+
+
 def backoff_delay(attempt: int, policy: RetryPolicy, rand: Callable[[], float]) -> float:
     """The pause after failed attempt ``attempt`` (1-based): exponential, half of it jittered."""
     ceiling = min(policy.max_delay, policy.initial_delay * 2 ** min(attempt - 1, 30))
@@ -482,11 +520,18 @@ def exchange(
     )
     sealed = check_answer(answer, request=request, nonce=challenge.nonce, binding=binding)
     keys = open_keys(request, recipient, challenge.nonce, sealed)
+    try:
+        statements = check_statements(request, keys, answer)
+    except AnswerRejected:
+        for key in keys:
+            key.wipe()
+        raise
     return Release(
         keys=keys,
         application=str(answer["application"]),
         os_image_hash=str(answer["os_image_hash"]),
         attempts=attempt,
+        statements=statements,
     )
 
 

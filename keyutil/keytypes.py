@@ -215,3 +215,76 @@ def age_recipient(public_key: x25519.X25519PublicKey) -> str:
     """``age1...``: an X25519 public key as age writes recipients."""
     raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
     return bech32_encode(AGE_RECIPIENT_HRP, raw)
+
+
+# -- Signing keys (issue 12): ed25519 and secp256k1 -------------------------------------------
+
+SECP256K1_ORDER = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141
+
+
+class Ed25519Key(KeyType):
+    """An Ed25519 signing key; the seed is the RFC 8032 private key (32 bytes).
+
+    Formats: ``pem`` (default), PKCS#8 PEM as ``openssl pkey`` and cryptography's
+    ``load_pem_private_key`` read it; ``raw``, the 32 bytes themselves (libsodium's seed,
+    ``Ed25519PrivateKey.from_private_bytes``). Public half: ``0x`` + 64 hex digits (the raw
+    RFC 8032 public key)."""
+
+    name = "ed25519"
+    label = b"ed25519"
+    formats = ("pem", "raw")
+
+    def public(self, seed: bytes) -> str:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        key = ed25519.Ed25519PrivateKey.from_private_bytes(seed)
+        raw = key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        return "0x" + raw.hex()
+
+    def private_file(self, seed: bytes, fmt: str) -> bytes:
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+
+        self._check_format(fmt)
+        if fmt == "raw":
+            return bytes(seed)
+        return ed25519.Ed25519PrivateKey.from_private_bytes(seed).private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+
+
+class Secp256k1Key(KeyType):
+    """A secp256k1 (Ethereum) key; the seed is the big-endian scalar, in [1, n-1] (the KMS
+    re-derives with the next counter until it is: a miss has probability below 2^-127).
+
+    Format ``hex``: ``0x`` + 64 hex digits, no newline, as ``cast wallet address
+    --private-key "$(cat FILE)"`` and web3's ``Account.from_key`` take it. Public half: the
+    uncompressed SEC1 point ``0x04`` + x + y (130 hex digits); its Ethereum account is
+    keccak-256 of x || y, last 20 bytes (the provenance statement carries it)."""
+
+    name = "secp256k1"
+    label = b"secp256k1"
+    formats = ("hex",)
+
+    def accepts(self, seed: bytes) -> bool:
+        return len(seed) == SEED_LENGTH and 0 < int.from_bytes(seed, "big") < SECP256K1_ORDER
+
+    def public(self, seed: bytes) -> str:
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        key = ec.derive_private_key(int.from_bytes(seed, "big"), ec.SECP256K1())
+        point = key.public_key().public_bytes(
+            serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+        )
+        return "0x" + point.hex()
+
+    def private_file(self, seed: bytes, fmt: str) -> bytes:
+        self._check_format(fmt)
+        return b"0x" + seed.hex().encode()
+
+
+register(Ed25519Key())
+register(Secp256k1Key())

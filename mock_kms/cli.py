@@ -419,12 +419,22 @@ def serve(
     except KmsError as e:
         click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
         sys.exit(EXIT_INVALID)
+    try:
+        issuer = _make_issuer(state_dir, state, allowlist, rpc_url, contract, chain_id,
+                              rpc_timeout, revocation_delay)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot use the signer keys in {state_dir}: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    except KmsError as e:
+        click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
+        sys.exit(EXIT_INVALID)
     service = ReleaseService(
         verifier=verifier,
         allowlist=allowlist,
         state=state,
         settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
         audit=audit,
+        provenance=issuer,
     )
     settings = ServerSettings(
         host=host,
@@ -524,6 +534,89 @@ def _make_allowlist(
         # before its node becomes ready by itself; say why now.
         logging.getLogger("mock_kms").error("chain not ready at start: %s", e.message)
     return reader
+
+
+# -- provenance statements and the secp256k1 signer (issue 12) -------------------------------
+
+
+def _make_issuer(state_dir: Path, state: Any, allowlist: Any, rpc_url: str | None,
+                 contract: str | None, chain_id: int | None, rpc_timeout: float,
+                 revocation_delay: float) -> Any:
+    """The provenance issuer: the signer keys of ``state_dir``, and which one is registered.
+
+    Embedded chain: this KMS owns the contract, so it registers its newest signer key at
+    start (nothing else can change it later). RPC: governance registers one with kms-gov
+    set-signer; the KMS reads it (cached for the revocation delay) and signs with that key."""
+    from mock_kms import chain, signer
+    from mock_kms.provenance import ProvenanceIssuer, SignerChoice
+
+    ring = signer.SignerKeyring(state_dir)
+    newest = ring.newest(create=True)
+    assert newest is not None
+    log = logging.getLogger("mock_kms")
+    if rpc_url is None:
+        tx = signer.set_signer_request(allowlist.contract_address, newest)
+        chain.send(allowlist.w3, tx, sender=allowlist.owner)
+        log.warning("embedded chain: signer %s registered", newest)
+        registered = signer.RegisteredSigner(read=lambda: newest, max_staleness=float("inf"))
+        return ProvenanceIssuer(state, allowlist.chain_id, allowlist.contract_address,
+                                SignerChoice(registered, ring))
+    from web3 import Web3
+    from web3.providers.rpc import HTTPProvider
+
+    assert contract is not None and chain_id is not None
+    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": rpc_timeout},
+                           exception_retry_configuration=None), middleware=[])
+    address = chain.parse_address(contract)
+    registered = signer.RegisteredSigner(read=lambda: signer.read_signer(w3, address),
+                                         max_staleness=revocation_delay)
+    log.warning("secp256k1 signer keys: %s (register one with kms-gov set-signer)",
+                ", ".join(ring.addresses()))
+    return ProvenanceIssuer(state, chain_id, address, SignerChoice(registered, ring))
+
+
+@cli.group("signer")
+def signer_group() -> None:
+    """The KMS's secp256k1 signer keys (they sign secp256k1 provenance statements).
+
+    \b
+    Rotation:
+      mock-kms signer new --state-dir DIR       # prints the new address
+      kms-gov set-signer ADDRESS                # the KMS signs with it from then on
+    """
+
+
+@signer_group.command("show")
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def signer_show(state_dir: Path, as_json: bool) -> None:
+    """Print the newest signer's address (made on first use), to register with kms-gov."""
+    from mock_kms.signer import SignerKeyring
+
+    ring = SignerKeyring(state_dir)
+    try:
+        newest = ring.newest(create=True)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot use {ring.directory}: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    if as_json:
+        click.echo(json.dumps({"signer": newest, "signers": ring.addresses()}))
+    else:
+        click.echo(newest)
+
+
+@signer_group.command("new")
+@state_dir_option
+def signer_new(state_dir: Path) -> None:
+    """Make another signer key (rotation) and print its address; the old keys stay, so the
+    KMS keeps signing with the registered one until governance registers the new one."""
+    from mock_kms.signer import SignerKeyring
+
+    try:
+        click.echo(SignerKeyring(state_dir).new())
+    except OSError as e:
+        click.echo(f"mock-kms: cannot write the signer key: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
 
 
 def _read_input(file: str) -> bytes:

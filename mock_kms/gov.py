@@ -506,6 +506,51 @@ def info(contract: str | None, rpc_url: str | None, chain_id: int | None, timeou
     _run(as_json, verbose, body)
 
 
+# --- the KMS's secp256k1 signer (provenance statements, issue 12) -----------------------
+
+
+@cli.command("set-signer", epilog=EXIT_CODES_HELP)
+@click.argument("signer_address", metavar="ADDRESS")
+@_contract_option
+@_signing_options
+@_connection_options
+def set_signer(signer_address: str, contract: str | None, rpc_url: str | None,
+               chain_id: int | None, timeout: float, as_json: bool, verbose: bool,
+               keystore: str | None, calldata: bool, receipt_timeout: float) -> None:
+    """Register ADDRESS as the KMS's secp256k1 signer (`mock-kms signer show` prints it).
+
+    Contracts that check provenance statements (ProvenanceCheck.sol) accept only statements
+    signed by the registered signer: registering a new one (rotation) makes the old one's
+    statements stop verifying at once, and the KMS signs with the new one within its
+    revocation delay. The zero address unregisters. Emits SignerChanged."""
+    from mock_kms import signer
+
+    def body(out: Output) -> None:
+        target = chain.parse_address(signer_address)
+        address = _require_contract(contract)
+        opts = _Write(rpc_url, chain_id, timeout, keystore, calldata, receipt_timeout)
+        _execute(out, opts, signer.set_signer_request(address, target),
+                 describe=f"set-signer {target}", extra={"signer": target})
+    _run(as_json, verbose, body)
+
+
+@cli.command("signer", epilog=EXIT_CODES_HELP)
+@_contract_option
+@_connection_options
+def show_signer(contract: str | None, rpc_url: str | None, chain_id: int | None,
+                timeout: float, as_json: bool, verbose: bool) -> None:
+    """Print the registered KMS signer (the zero address: none)."""
+    from mock_kms import signer
+
+    def body(out: Output) -> None:
+        address = _require_contract(contract)
+        w3 = _connect(rpc_url, timeout)
+        cid = chain.check_chain(w3, address, chain_id)
+        current = signer.read_signer(w3, address)
+        out.result({"contract": address, "chain_id": cid, "signer": current}, current)
+    _run(as_json, verbose, body)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script; returns the exit code (callable in-process by tests)."""
     try:

@@ -12,6 +12,8 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 ``POST /v1/release``       the signed, sealed answer; 4xx for denials, 503 when unavailable
 ``GET  /v1/identity``      ``{"identity": "ed25519:..."}``, the key enclaves pin
 ``GET  /v1/recipient``     ``?app=APP&key=NAME``: an application's age recipient, signed
+``GET  /v1/provenance``    ``?application=APP&name=NAME&type=TYPE``: the signed provenance
+                           statement of a typed key (public; no attestation needed)
 ``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms
 =========================  ===================================================================
 
@@ -165,6 +167,7 @@ class KmsApp:
             ("POST", "/v1/challenge"): self._challenge,
             ("POST", "/v1/release"): self._release,
             ("GET", "/v1/recipient"): self._recipient,
+            ("GET", "/v1/provenance"): self._provenance,
         }
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -263,6 +266,24 @@ class KmsApp:
     def _challenge(self, environ: Environ) -> tuple[int, Any]:
         self.metrics.challenges.inc()
         return 200, self.service.challenge()
+
+    def _provenance(self, environ: Environ) -> tuple[int, Any]:
+        """The statement of (application, name, type): public, so no attestation."""
+        from urllib.parse import parse_qs
+
+        from mock_kms.provenance import parse_query
+
+        issuer = self.service.provenance
+        if issuer is None:
+            raise InvalidError(ErrorCode.NOT_FOUND, "this KMS issues no provenance statements")
+        try:
+            query = parse_qs(str(environ.get("QUERY_STRING", ""))[:1024], max_num_fields=8)
+        except ValueError:
+            raise InvalidError(ErrorCode.BAD_REQUEST, "too many query parameters") from None
+        if any(len(v) != 1 for v in query.values()):
+            raise InvalidError(ErrorCode.BAD_REQUEST, "expected each query parameter once")
+        app, key = parse_query(*(query.get(f, [None])[0] for f in ("application", "name", "type")))
+        return 200, issuer.issue(app, key)
 
     def _release(self, environ: Environ) -> tuple[int, Any]:
         started = time.perf_counter()

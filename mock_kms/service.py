@@ -45,6 +45,7 @@ from keyutil.protocol import KeyRequest, ProtocolError
 from mock_kms.allowlist import Allowlist, require_allowed
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
+from mock_kms.provenance import ProvenanceIssuer, has_statement
 from mock_kms.state import KmsState
 from mock_kms.verifier import AttestationVerifier, VerifiedAttestation
 
@@ -347,6 +348,7 @@ class ReleaseService:
         settings: ReleaseSettings | None = None,
         audit: AuditLog | None = None,
         clock: Clock = time.time,
+        provenance: ProvenanceIssuer | None = None,
     ) -> None:
         self.verifier = verifier
         self.allowlist = allowlist
@@ -354,6 +356,8 @@ class ReleaseService:
         self.settings = settings or ReleaseSettings()
         self.audit = audit or AuditLog(None)
         self.clock = clock
+        # Issues the provenance statement of each typed key (None: releases carry none).
+        self.provenance = provenance
         self.nonces = NonceBook(state.nonce_key, self.settings, clock)
 
     def challenge(self) -> dict[str, Any]:
@@ -417,6 +421,8 @@ class ReleaseService:
                 }
             )
             del secret
+            if self.provenance is not None and has_statement(key):
+                sealed[-1]["provenance"] = self.provenance.issue(application, key)
         body_out = {
             "version": protocol.PROTOCOL_VERSION,
             "suite": request.suite,
