@@ -26,13 +26,11 @@ since a refusal there comes after the chunks that did authenticate.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import io
 import os
 import secrets
 import ssl
-import stat
 import sys
 import urllib.parse
 from pathlib import Path
@@ -43,7 +41,6 @@ from keyutil.output import KEY_FILE_MODE, OutputError, check_volatile
 
 READ_BUFFER = 64 * 1024 + 16
 DEFAULT_FETCH_TIMEOUT = 60.0
-PIPE_SIZE = 1 << 20
 
 
 class SourceError(Exception):
@@ -253,11 +250,6 @@ class StdoutOutput:
             raise OutputError(
                 "output_terminal", "refusing to write plaintext to a terminal; redirect stdout"
             )
-        # A pipe holds 64 KiB by default, one chunk: every write would wait for the reader.
-        # A larger one (up to the unprivileged limit, 1 MiB) lets both sides run.
-        with contextlib.suppress(OSError):
-            if stat.S_ISFIFO(os.fstat(self.fd).st_mode):
-                fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
     def write(self, data: bytes) -> None:
         try:
