@@ -458,3 +458,30 @@ def test_exec_of_a_missing_command_exits_127(env: tuple[Setup, Kms], tmp_path: P
         "--", str(tmp_path / "no-such-app"),
     )
     assert result.returncode == 127 and b"exec_failed" in result.stderr
+
+
+def test_recipient_and_exec_error_exits(env: tuple[Setup, Kms], tmp_path: Path) -> None:
+    s, kms = env
+    base = [KEYUTIL, "recipient", "--kms-pubkey", s.identity, "--log-format", "json"]
+    unreachable = run(*base, "--kms", "http://127.0.0.1:1", "--app", "a", "--key", "k",
+                      "--deadline", "2")
+    assert unreachable.returncode == 3
+    refused = run(*base, "--kms", kms.url, "--app", "a", "--key", "bad name")
+    assert refused.returncode == 4 and codes(refused.stderr) == ["bad_request"]
+    assert run(*base, "--kms", kms.url, "--app", "x" * 33, "--key", "k").returncode == 2
+    bad_pin = run(KEYUTIL, "recipient", "--kms-pubkey", "ed25519:AAAA", "--kms", kms.url,
+                  "--app", "a", "--key", "k")
+    assert bad_pin.returncode == 2
+    missing = run(
+        KEYUTIL, "exec", "--sealed-env", str(tmp_path / "none.age"), "--key", "env",
+        "--kms", kms.url, "--kms-pubkey", s.identity, "--nsm", "simulator",
+        "--sim-dir", str(s.sim), "--log-format", "json", "--", "true",
+    )
+    assert missing.returncode == 2 and codes(missing.stderr)[-1] == "source_missing"
+    other = run("age", "-r", recipient_of(s, kms, key="not-env"), input=b"A=1\n").stdout
+    wrong_key = run(
+        KEYUTIL, "exec", "--sealed-env", "-", "--key", "env", "--kms", kms.url,
+        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
+        "--log-format", "json", "--", "true", input=other,
+    )
+    assert wrong_key.returncode == 9 and codes(wrong_key.stderr)[-1] == "sealed_not_for_key"
