@@ -366,6 +366,12 @@ def _identity_text(value: str | None) -> str | None:
     help="For --unseal https://: trust only this CA file.",
 )
 @click.option(
+    "--expect-sha256",
+    metavar="HEX",
+    help="For --unseal: the plaintext's SHA-256, pinned in the image; a file sealed by "
+    "anyone else is refused (see 'keyutil unseal --help').",
+)
+@click.option(
     "--key-format",
     help="File format of typed keys: ed25519 'pem' (PKCS#8, default) or 'raw' (32 bytes); "
     "secp256k1 is always 'hex' (0x + 64 hex digits, as cast and web3 read it), age 'age'.",
@@ -401,6 +407,7 @@ def get_key(
     unseal_to: str | None,
     via: str | None,
     source_ca: str | None,
+    expect_sha256: str | None,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
@@ -443,8 +450,8 @@ def get_key(
         to_stdout = True  # for the checks below: the key itself goes nowhere
         if out is not None or out_dir is not None or key_types != ("age",):
             raise click.UsageError("--unseal takes one --type age key and no --out/--out-dir")
-    elif via is not None or source_ca is not None:
-        raise click.UsageError("--via and --source-ca apply to --unseal only")
+    elif via is not None or source_ca is not None or expect_sha256 is not None:
+        raise click.UsageError("--via, --source-ca and --expect-sha256 apply to --unseal only")
     if sum((out is not None, out_dir is not None, to_stdout)) != 1:
         raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
     if fmt != "raw" and not to_stdout:
@@ -487,6 +494,7 @@ def get_key(
         if len(request.keys) != 1:
             raise click.UsageError("--unseal takes one --type age key")
         unsealed = sealing.check_output(log, unseal_to, allow_persistent)
+        digest = sealing.sha256_option_value(click.get_current_context(), None, expect_sha256)
     else:
         try:
             sink.check([k.name for k in request.keys])
@@ -523,7 +531,8 @@ def get_key(
         finally:
             release.wipe()
         sealing.unseal_to(
-            log, [age_identity], unseal_source, unsealed, via=via, source_ca=source_ca
+            log, [age_identity], unseal_source, unsealed, via=via, source_ca=source_ca,
+            expect_sha256=digest,
         )
         return
     # Typed keys are written as their type's file (an age identity), raw keys as bytes.

@@ -3,6 +3,7 @@ sources and outputs, and the usage errors of the commands (exit codes)."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -292,6 +293,12 @@ def test_seal_and_unseal_usage_errors(tmp_path: Path, identity_file: Path, shm: 
                    str(tmp_path / "out")).returncode == 7  # not tmpfs
     ok = keyutil("unseal", "--identity", str(identity_file), str(sealed), str(shm / "out"))
     assert ok.returncode == 0 and (shm / "out").read_bytes() == b"hello"
+    assert keyutil("unseal", "--identity", str(identity_file), "--expect-sha256", "zz",
+                   str(sealed), "-").returncode == 2
+    pin = hashlib.sha256(b"hello").hexdigest()
+    pinned = keyutil("unseal", "--identity", str(identity_file), "--expect-sha256", pin,
+                     str(sealed), "-")
+    assert pinned.returncode == 0 and pinned.stdout == b"hello"
 
 
 @pytest.mark.parametrize(

@@ -485,3 +485,47 @@ def test_recipient_and_exec_error_exits(env: tuple[Setup, Kms], tmp_path: Path) 
         "--log-format", "json", "--", "true", input=other,
     )
     assert wrong_key.returncode == 9 and codes(wrong_key.stderr)[-1] == "sealed_not_for_key"
+
+
+def test_a_file_substituted_by_the_host_is_caught_by_the_pinned_digest(
+    env: tuple[Setup, Kms], tmp_path: Path
+) -> None:
+    """The recipient is public: a host can seal weights of its own to it. age authenticates
+    the file, not its author; the digest pinned in the image does."""
+    import hashlib
+
+    s, kms = env
+    recipient = recipient_of(s, kms)
+    genuine = seal_with_age(recipient, tmp_path)
+    forged = tmp_path / "forged.age"
+    run("age", "-r", recipient, "-o", str(forged), input=b"the host's weights", check=True)
+    pin = hashlib.sha256(PLAINTEXT).hexdigest()
+    out = s.keys / "weights.bin"
+    common = ("--key", "weights", "--type", "age", "--unseal-to", str(out))
+    unpinned = s.get_key(kms.url, *common, "--unseal", str(forged))
+    assert unpinned.returncode == 0 and out.read_bytes() == b"the host's weights"
+    out.unlink()
+    caught = s.get_key(kms.url, *common, "--unseal", str(forged), "--expect-sha256", pin)
+    assert caught.returncode == 9 and codes(caught.stderr)[-1] == "sealed_digest_mismatch"
+    assert leftovers(s.keys) == []
+    ok = s.get_key(kms.url, *common, "--unseal", str(genuine), "--expect-sha256", pin.upper())
+    assert ok.returncode == 0 and out.read_bytes() == PLAINTEXT
+    out.unlink()
+    bad = s.get_key(kms.url, *common, "--unseal", str(genuine), "--expect-sha256", "abc")
+    assert bad.returncode == 2 and leftovers(s.keys) == []
+    # exec and unseal take the same pin.
+    env_file = tmp_path / "env.age"
+    run("age", "-r", recipient_of(s, kms, key="env"), "-o", str(env_file), input=b"A=1\n",
+        check=True)
+    wrong = run(
+        KEYUTIL, "exec", "--sealed-env", str(env_file), "--key", "env", "--kms", kms.url,
+        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
+        "--expect-sha256", pin, "--log-format", "json", "--", "true",
+    )
+    assert wrong.returncode == 9 and codes(wrong.stderr)[-1] == "sealed_digest_mismatch"
+    right = run(
+        KEYUTIL, "exec", "--sealed-env", str(env_file), "--key", "env", "--kms", kms.url,
+        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
+        "--expect-sha256", hashlib.sha256(b"A=1\n").hexdigest(), "--", "true",
+    )
+    assert right.returncode == 0, right.stderr

@@ -54,6 +54,29 @@ source_ca_option = click.option(
     envvar="KEYUTIL_SOURCE_CA",
     help="For https:// input: trust only this CA file (PEM). Default: the system store.",
 )
+def sha256_option_value(
+    ctx: click.Context, param: click.Parameter | None, value: Any
+) -> bytes | None:
+    """click callback: ``--expect-sha256 HEX`` as 32 bytes."""
+    from keyutil.sealing import parse_sha256
+
+    if value is None:
+        return None
+    try:
+        return parse_sha256(str(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--expect-sha256") from None
+
+
+expect_sha256_option = click.option(
+    "--expect-sha256",
+    metavar="HEX",
+    callback=sha256_option_value,
+    envvar="KEYUTIL_EXPECT_SHA256",
+    help="The plaintext's SHA-256 (sha256sum of the file before sealing), baked into the "
+    "image: refuse a file sealed by anyone else (the recipient is public). Exit 9, "
+    "sealed_digest_mismatch, and no output file.",
+)
 allow_persistent_option = click.option(
     "--allow-persistent",
     is_flag=True,
@@ -127,10 +150,12 @@ def unseal_to(
     *,
     via: str | None,
     source_ca: str | None,
+    expect_sha256: bytes | None = None,
     timeout: float = DEFAULT_SOURCE_TIMEOUT,
 ) -> None:
     """Open ``source_spec`` with ``identities`` into ``out``; a file appears only if the whole
-    input authenticated. Exits with the documented code on any refusal."""
+    input authenticated (and has the expected digest, if given). Exits with the documented
+    code on any refusal."""
     from keyutil.output import OutputError
     from keyutil.sealing.age import SealedError, unseal
     from keyutil.sealing.streams import PlaintextFile, SourceError, open_source
@@ -140,10 +165,10 @@ def unseal_to(
         with open_source(source_spec, via=via, ca_file=source_ca, timeout=timeout) as source:
             if isinstance(out, PlaintextFile):
                 with out:
-                    size = unseal(source, out.write, identities)
+                    size = unseal(source, out.write, identities, expect_sha256=expect_sha256)
                     out.publish()
             else:
-                size = unseal(source, out.write, identities)
+                size = unseal(source, out.write, identities, expect_sha256=expect_sha256)
     except (SourceError, SealedError, OutputError) as e:
         fail(log, e)
         return
@@ -298,6 +323,7 @@ def seal_command(
 @via_option
 @source_ca_option
 @allow_persistent_option
+@expect_sha256_option
 @click.argument("source")
 @click.argument("destination")
 @log_format_option
@@ -306,6 +332,7 @@ def unseal_command(
     via: str | None,
     source_ca: str | None,
     allow_persistent: bool,
+    expect_sha256: bytes | None,
     source: str,
     destination: str,
     log_format: str,
@@ -333,7 +360,9 @@ def unseal_command(
     except OSError as e:
         raise click.BadParameter(str(e.strerror), param_hint="--identity") from None
     out = check_output(log, destination, allow_persistent)
-    unseal_to(log, identities, source, out, via=via, source_ca=source_ca)
+    unseal_to(
+        log, identities, source, out, via=via, source_ca=source_ca, expect_sha256=expect_sha256
+    )
 
 
 @click.command("recipient")
@@ -443,6 +472,7 @@ def recipient_command(
               help="HPKE suite the identity is sealed with.")
 @via_option
 @source_ca_option
+@expect_sha256_option
 @deadline_option(60.0)
 @nsm_option
 @sim_dir_option
@@ -459,6 +489,7 @@ def exec_command(
     suite: str,
     via: str | None,
     source_ca: str | None,
+    expect_sha256: bytes | None,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
@@ -500,7 +531,7 @@ def exec_command(
     plaintext = bytearray()
     try:
         with open_source(sealed_env, via=via, ca_file=source_ca, timeout=deadline) as source:
-            unseal(source, plaintext.extend, identity)
+            unseal(source, plaintext.extend, identity, expect_sha256=expect_sha256)
         variables = parse_dotenv(plaintext)
     except (SourceError, SealedError, DotenvError) as e:
         fail(log, e)
