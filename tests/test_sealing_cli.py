@@ -184,6 +184,10 @@ def test_mock_kms_recipient_command(tmp_path: Path) -> None:
 
     runner = CliRunner()
     args = ["recipient", "--state-dir", str(tmp_path / "s"), "--app", "a", "--key", "k"]
+    missing = runner.invoke(kms_cli, args)
+    assert missing.exit_code == 1 and "state_invalid" in missing.output
+    assert not (tmp_path / "s").exists()
+    assert runner.invoke(kms_cli, ["identity", "--state-dir", str(tmp_path / "s")]).exit_code == 0
     plain = runner.invoke(kms_cli, args)
     assert plain.exit_code == 0 and plain.output.startswith("age1")
     statement = json.loads(runner.invoke(kms_cli, [*args, "--json"]).output)
