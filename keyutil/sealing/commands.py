@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -37,6 +37,12 @@ from keyutil.cli import (
     verbose_option,
 )
 from keyutil.nsm import NsmError, NsmKind, open_nsm
+
+if TYPE_CHECKING:  # the modules themselves load only when a command needs them
+    from keyutil.sealing.age import Identity
+    from keyutil.sealing.streams import PlaintextFile, StdoutOutput
+
+    Output = PlaintextFile | StdoutOutput
 
 EXIT_SEALED = 9
 DEFAULT_SOURCE_TIMEOUT = 60.0
@@ -84,7 +90,7 @@ allow_persistent_option = click.option(
 )
 
 
-def fail(log: EventLog, error: Exception) -> None:
+def fail(log: EventLog, error: Exception) -> NoReturn:
     """Log ``error`` with its code and exit with the documented status for its kind.
 
     Every error these commands turn into an exit status carries ``code`` and ``message``
@@ -120,9 +126,10 @@ def fail(log: EventLog, error: Exception) -> None:
     else:
         raise error
     log.fail(status, event, **fields)
+    raise SystemExit(status)  # log.fail exits; this tells the type checker so
 
 
-def _output(target: str, allow_persistent: bool) -> Any:
+def _output(target: str, allow_persistent: bool) -> Output:
     from keyutil.sealing.streams import PlaintextFile, StdoutOutput
 
     if target == "-":
@@ -130,7 +137,7 @@ def _output(target: str, allow_persistent: bool) -> Any:
     return PlaintextFile(target, allow_persistent=allow_persistent)
 
 
-def check_output(log: EventLog, target: str, allow_persistent: bool) -> Any:
+def check_output(log: EventLog, target: str, allow_persistent: bool) -> Output:
     """The output for ``target`` (``-`` is stdout), checked before anything is released."""
     from keyutil.output import OutputError
 
@@ -144,9 +151,9 @@ def check_output(log: EventLog, target: str, allow_persistent: bool) -> Any:
 
 def unseal_to(
     log: EventLog,
-    identities: Sequence[Any],
+    identities: Sequence[Identity],
     source_spec: str,
-    out: Any,
+    out: Output,
     *,
     via: str | None,
     source_ca: str | None,
@@ -171,7 +178,6 @@ def unseal_to(
                 size = unseal(source, out.write, identities, expect_sha256=expect_sha256)
     except (SourceError, SealedError, OutputError) as e:
         fail(log, e)
-        return
     log(
         "info",
         "unsealed",
@@ -195,7 +201,7 @@ def release_age_identity(
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
-) -> Any:
+) -> Identity:
     """The age Identity of key ``key_name``, released to this enclave, held in memory only."""
     from keyutil.client import (
         AnswerRejected,
@@ -234,7 +240,6 @@ def release_age_identity(
         )
     except (NsmError, KmsUnavailable, KmsDenied, AnswerRejected) as e:
         fail(log, e)
-        return None
     try:
         return Identity(bytes(release.keys[0].value))
     finally:
@@ -432,7 +437,6 @@ def recipient_command(
         body = classify(response, "recipient")
     except (TransportError, KmsUnavailable, KmsDenied) as e:
         fail(log, e)
-        return
     try:
         statement = verify_statement(
             pinned, body, application=application, name=key_name, key_type="age"
@@ -535,7 +539,6 @@ def exec_command(
         variables = parse_dotenv(plaintext)
     except (SourceError, SealedError, DotenvError) as e:
         fail(log, e)
-        return
     finally:
         plaintext[:] = bytes(len(plaintext))
     del identity
