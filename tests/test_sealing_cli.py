@@ -251,6 +251,14 @@ def test_plaintext_file_refusals(tmp_path: Path, shm: Path) -> None:
     with pytest.raises(OutputError) as err:
         PlaintextFile(shm / "no-dir" / "out").check()
     assert err.value.code == "output_dir_missing"
+    (shm / "link").symlink_to(shm)
+    with pytest.raises(OutputError) as err:
+        PlaintextFile(shm / "link" / "out").check()
+    assert err.value.code == "output_symlink"
+    (shm / "file").write_bytes(b"")
+    with pytest.raises(OutputError) as err:
+        PlaintextFile(shm / "file" / "out").check()
+    assert err.value.code == "output_dir_missing"
 
 
 def test_stdout_output_refuses_a_terminal() -> None:
