@@ -369,6 +369,15 @@ def test_https_input_through_the_egress_proxy(
 
 # -- keyutil exec ---------------------------------------------------------------------------
 
+def keyutil_exec(s: Setup, kms: Kms, sealed_env: str, *args: str, **kw: Any) -> Any:
+    """``keyutil exec --sealed-env SEALED_ENV --key env`` in the simulated enclave."""
+    return run(
+        KEYUTIL, "exec", "--sealed-env", sealed_env, "--key", "env", "--kms", kms.url,
+        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
+        "--log-format", "json", *args, **kw,
+    )
+
+
 APP = """
 import hashlib, json, os, sys
 names = sys.argv[1:]
@@ -395,11 +404,9 @@ def test_exec_gives_the_app_its_secrets_and_nothing_else_sees_them(
     app = tmp_path / "app.py"
     app.write_text(APP)
     started = time.time()
-    result = run(
-        KEYUTIL, "exec", "--sealed-env", str(sealed), "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--log-format", "json", "-v",
-        "--", sys.executable, str(app), "DB_USER", "DB_PASS", "API_TOKEN",
+    result = keyutil_exec(
+        s, kms, str(sealed), "-v", "--", sys.executable, str(app), "DB_USER", "DB_PASS",
+        "API_TOKEN",
     )
     assert result.returncode == 0, result.stderr.decode()
     seen = json.loads(result.stdout)
@@ -441,11 +448,7 @@ def test_exec_refuses_a_malformed_dotenv_by_line_number(
     sealed = tmp_path / "bad.env.age"
     run("age", "-r", recipient_of(s, kms, key="env"), "-o", str(sealed), input=dotenv,
         check=True)
-    result = run(
-        KEYUTIL, "exec", "--sealed-env", str(sealed), "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--log-format", "json", "--", "true",
-    )
+    result = keyutil_exec(s, kms, str(sealed), "--", "true")
     assert result.returncode == 9
     (record,) = [json.loads(x) for x in result.stderr.splitlines() if b'"error"' in x]
     assert record["code"] == "dotenv_invalid" and record["line"] == line
@@ -457,11 +460,7 @@ def test_exec_of_a_missing_command_exits_127(env: tuple[Setup, Kms], tmp_path: P
     sealed = tmp_path / "ok.env.age"
     run("age", "-r", recipient_of(s, kms, key="env"), "-o", str(sealed), input=b"A=1\n",
         check=True)
-    result = run(
-        KEYUTIL, "exec", "--sealed-env", str(sealed), "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--", str(tmp_path / "no-such-app"),
-    )
+    result = keyutil_exec(s, kms, str(sealed), "--", str(tmp_path / "no-such-app"))
     assert result.returncode == 127 and b"exec_failed" in result.stderr
 
 
@@ -477,18 +476,10 @@ def test_recipient_and_exec_error_exits(env: tuple[Setup, Kms], tmp_path: Path) 
     bad_pin = run(KEYUTIL, "recipient", "--kms-pubkey", "ed25519:AAAA", "--kms", kms.url,
                   "--app", "a", "--key", "k")
     assert bad_pin.returncode == 2
-    missing = run(
-        KEYUTIL, "exec", "--sealed-env", str(tmp_path / "none.age"), "--key", "env",
-        "--kms", kms.url, "--kms-pubkey", s.identity, "--nsm", "simulator",
-        "--sim-dir", str(s.sim), "--log-format", "json", "--", "true",
-    )
+    missing = keyutil_exec(s, kms, str(tmp_path / "none.age"), "--", "true")
     assert missing.returncode == 2 and codes(missing.stderr)[-1] == "source_missing"
     other = run("age", "-r", recipient_of(s, kms, key="not-env"), input=b"A=1\n").stdout
-    wrong_key = run(
-        KEYUTIL, "exec", "--sealed-env", "-", "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--log-format", "json", "--", "true", input=other,
-    )
+    wrong_key = keyutil_exec(s, kms, "-", "--", "true", input=other)
     assert wrong_key.returncode == 9 and codes(wrong_key.stderr)[-1] == "sealed_not_for_key"
 
 
@@ -522,15 +513,9 @@ def test_a_file_substituted_by_the_host_is_caught_by_the_pinned_digest(
     env_file = tmp_path / "env.age"
     run("age", "-r", recipient_of(s, kms, key="env"), "-o", str(env_file), input=b"A=1\n",
         check=True)
-    wrong = run(
-        KEYUTIL, "exec", "--sealed-env", str(env_file), "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--expect-sha256", pin, "--log-format", "json", "--", "true",
-    )
+    wrong = keyutil_exec(s, kms, str(env_file), "--expect-sha256", pin, "--", "true")
     assert wrong.returncode == 9 and codes(wrong.stderr)[-1] == "sealed_digest_mismatch"
-    right = run(
-        KEYUTIL, "exec", "--sealed-env", str(env_file), "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--expect-sha256", hashlib.sha256(b"A=1\n").hexdigest(), "--", "true",
+    right = keyutil_exec(
+        s, kms, str(env_file), "--expect-sha256", hashlib.sha256(b"A=1\n").hexdigest(), "--", "true"
     )
     assert right.returncode == 0, right.stderr
