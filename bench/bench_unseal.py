@@ -21,9 +21,12 @@ Measured, per size, ``--rounds`` times each, interleaved (the order rotates ever
   opener built on it.
 
 Per run: wall time from just before the child starts to its exit, throughput in plaintext
-GB/s (10**9 bytes), and the child's peak RSS (``/usr/bin/time -f %M``, as bench_getkey.py
-does, so that the figure is the child's own). Reported: the best and median throughput of
-each command, its largest peak RSS, and keyutil / age throughput ratios (medians).
+GB/s (10**9 bytes), the child's peak RSS and CPU time, user + system (``/usr/bin/time -f
+"%M %U %S"``, as bench_getkey.py does, so that the figures are the child's own). Reported:
+the best and median throughput of each command, its largest peak RSS, its median CPU
+seconds per GB, the keyutil / age throughput ratios (medians) and the age / keyutil CPU per
+GB ratios (on a loaded machine wall time also measures the wait for a CPU; CPU time does
+not).
 Targets: keyutil at least 0.9x age's throughput, peak RSS under 64 MB (MiB here) at 4 GiB.
 """
 
@@ -53,10 +56,13 @@ TIME_BIN = shutil.which("time") or ("/usr/bin/time" if Path("/usr/bin/time").exi
 TMPFS = Path("/dev/shm")
 
 
-def run_child(argv: Sequence[str], work: Path, *, pipe: bool) -> tuple[float, int, int]:
-    """(wall seconds, peak RSS KiB, exit code); with ``pipe`` stdout is drained here."""
+def run_child(
+    argv: Sequence[str], work: Path, *, pipe: bool
+) -> tuple[float, int, float, int]:
+    """(wall seconds, peak RSS KiB, CPU seconds (user + system), exit code); with ``pipe``
+    stdout is drained here."""
     rss_path = work / "rss"
-    full = [TIME_BIN, "-f", "%M", "-o", str(rss_path), *argv] if TIME_BIN else list(argv)
+    full = [TIME_BIN, "-f", "%M %U %S", "-o", str(rss_path), *argv] if TIME_BIN else list(argv)
     buffer = bytearray(1 << 20)
     start = time.perf_counter()
     proc = subprocess.Popen(
@@ -74,8 +80,9 @@ def run_child(argv: Sequence[str], work: Path, *, pipe: bool) -> tuple[float, in
         proc.stdout.close()
     code = proc.wait()
     wall = time.perf_counter() - start
-    rss = int(rss_path.read_text().split()[-1]) if TIME_BIN else 0
-    return wall, rss, code
+    # time writes "Command exited with non-zero status N" first on failure.
+    rss, user, system = rss_path.read_text().split()[-3:] if TIME_BIN else ("0", "0", "0")
+    return wall, int(rss), float(user) + float(system), code
 
 
 def raw_chacha_seconds(size: int) -> float:
@@ -122,12 +129,14 @@ def bench_size(gib: int, rounds: int, identity: Path, recipient: str, work: Path
         "age -> pipe": (["age", "-d", "-i", str(identity), str(sealed)], True),
     }
     names = list(commands)
-    results: dict[str, dict[str, list[float]]] = {n: {"gbps": [], "rss_mib": []} for n in names}
+    results: dict[str, dict[str, list[float]]] = {
+        n: {"gbps": [], "rss_mib": [], "cpu_s_per_gb": []} for n in names
+    }
     for r in range(rounds):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             argv, pipe = commands[name]
-            wall, rss, code = run_child(argv, work, pipe=pipe)
+            wall, rss, cpu, code = run_child(argv, work, pipe=pipe)
             if code != 0:
                 raise SystemExit(f"{name} exited {code}")
             if not pipe:
@@ -136,6 +145,7 @@ def bench_size(gib: int, rounds: int, identity: Path, recipient: str, work: Path
                 out.unlink()
             results[name]["gbps"].append(size / wall / 1e9)
             results[name]["rss_mib"].append(rss / 1024)
+            results[name]["cpu_s_per_gb"].append(cpu / (size / 1e9))
     raw = size / raw_chacha_seconds(size) / 1e9
     sealed.unlink()
     summary: dict[str, Any] = {"gib": gib, "rounds": rounds, "raw_chacha20poly1305_gbps": raw}
@@ -144,10 +154,15 @@ def bench_size(gib: int, rounds: int, identity: Path, recipient: str, work: Path
             "median_gbps": statistics.median(results[name]["gbps"]),
             "best_gbps": max(results[name]["gbps"]),
             "peak_rss_mib": max(results[name]["rss_mib"]),
+            "median_cpu_s_per_gb": statistics.median(results[name]["cpu_s_per_gb"]),
         }
     for sink in ("tmpfs", "pipe"):
-        summary[f"keyutil/age {sink}"] = (
-            summary[f"keyutil -> {sink}"]["median_gbps"] / summary[f"age -> {sink}"]["median_gbps"]
+        ours, theirs = summary[f"keyutil -> {sink}"], summary[f"age -> {sink}"]
+        summary[f"keyutil/age {sink}"] = ours["median_gbps"] / theirs["median_gbps"]
+        # CPU per byte, age / keyutil: above 1 when keyutil does the work with less CPU. On
+        # a shared machine it is steadier than wall time, which waits for the CPU too.
+        summary[f"cpu age/keyutil {sink}"] = (
+            theirs["median_cpu_s_per_gb"] / ours["median_cpu_s_per_gb"]
         )
     return summary
 
@@ -186,13 +201,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     for s in report["sizes"]:
         print(f"\n{s['gib']} GiB, {s['rounds']} rounds   raw ChaCha20-Poly1305 (cryptography): "
               f"{s['raw_chacha20poly1305_gbps']:.2f} GB/s")
-        print(f"{'command':<18} {'median GB/s':>12} {'best GB/s':>10} {'peak RSS MiB':>13}")
+        print(f"{'command':<18} {'median GB/s':>12} {'best GB/s':>10} {'peak RSS MiB':>13} "
+              f"{'CPU s/GB':>9}")
         for name in ("keyutil -> tmpfs", "age -> tmpfs", "keyutil -> pipe", "age -> pipe"):
             r = s[name]
             print(f"{name:<18} {r['median_gbps']:>12.2f} {r['best_gbps']:>10.2f} "
-                  f"{r['peak_rss_mib']:>13.1f}")
-        print(f"keyutil/age: tmpfs {s['keyutil/age tmpfs']:.2f}x, "
-              f"pipe {s['keyutil/age pipe']:.2f}x")
+                  f"{r['peak_rss_mib']:>13.1f} {r['median_cpu_s_per_gb']:>9.2f}")
+        print(f"keyutil/age throughput: tmpfs {s['keyutil/age tmpfs']:.2f}x, "
+              f"pipe {s['keyutil/age pipe']:.2f}x; CPU per GB age/keyutil: "
+              f"tmpfs {s['cpu age/keyutil tmpfs']:.2f}x, pipe {s['cpu age/keyutil pipe']:.2f}x")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Fuzz targets for what parses sealed input: the age file opener and the dotenv parser.
+"""Fuzz targets for what parses sealed input: the age file opener, the dotenv parser, and
+the recipient statement a host relays.
 
     >>> from fuzz.mutate import RandomChooser
     >>> from fuzz.sealed import SealedTarget
@@ -18,20 +19,31 @@ byte, and age's encodings are canonical), and what it opened must be that seed's
 values all contain the marker ``SECRET``: a refusal must be a :class:`DotenvError` whose
 message holds no marker (it names a line number, never content), an acceptance a dict of
 valid names to strings without NUL.
+
+``recipient``: :func:`keyutil.sealing.recipient.verify_statement` on JSON-level mutants of a
+genuine statement and of a genuinely signed one for another key (fields dropped,
+swapped between the two, replaced by junk of every JSON type, edited): it must refuse with
+one of its two codes, or return exactly the genuine statement.
 """
 
 from __future__ import annotations
 
 import hmac
 import io
+import json
 import re
 import traceback
+from typing import Any
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fuzz.mutate import Chooser, chance, pick
 from fuzz.targets import Execution, _Inflight
+from keyutil.protocol import ProtocolError
 from keyutil.sealing import age
 from keyutil.sealing.age import CHUNK, CODES, SEALED_CHUNK, Identity, SealedError
 from keyutil.sealing.dotenv import NAME, DotenvError, parse_dotenv
+from keyutil.sealing.recipient import application_id, sign_statement, verify_statement
 
 FUZZ_IDENTITY = Identity(bytes(range(7, 39)))
 OTHER = Identity(bytes(range(9, 41)))
@@ -221,7 +233,73 @@ class DotenvTarget(_Inflight):
         return result("accepted", "accepted")
 
 
-SEALED_TARGETS: dict[str, type[SealedTarget] | type[DotenvTarget]] = {
+_RECIPIENT_KMS = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(40, 72)))
+_APP = application_id("fuzz-app")
+_JUNK: tuple[Any, ...] = (None, True, 1, 1.0, "", "x", [], {}, "0x" + "00" * 32,
+                          str(FUZZ_IDENTITY.recipient), "weights", "age", "raw")
+
+
+class RecipientTarget(_Inflight):
+    """:func:`verify_statement` on mutants of a genuine recipient statement (what a host
+    relays from the KMS): accepted only if every signed field is the genuine one."""
+
+    name = "recipient"
+
+    def __init__(self) -> None:
+        body = {"application": "0x" + _APP.hex(), "name": "weights", "type": "age",
+                "recipient": str(FUZZ_IDENTITY.recipient)}
+        self.genuine = sign_statement(_RECIPIENT_KMS, body)
+        # Genuinely signed too, for another key of the application: what a host may replay.
+        other = {**body, "name": "weights2", "recipient": str(OTHER.recipient)}
+        self.other = sign_statement(_RECIPIENT_KMS, other)
+
+    def one(self, c: Chooser) -> Execution:
+        ops: list[str] = []
+        value: dict[str, Any] = dict(pick(c, (self.genuine, self.genuine, self.other)))
+        fields = [*value, "extra"]
+        for _ in range(1 + c.below(3)):
+            field = pick(c, fields)
+            kind = c.below(4)
+            if kind == 0:
+                ops.append("field_drop")
+                value.pop(field, None)
+            elif kind == 1:
+                ops.append("field_junk")
+                value[field] = pick(c, _JUNK)
+            elif kind == 2 and field in self.genuine:
+                ops.append("field_from_other")
+                value[field] = self.other[field]
+            else:
+                ops.append("field_text")
+                text = str(value.get(field, ""))
+                at = c.below(len(text) + 1)
+                value[field] = text[:at] + pick(c, "aA0=+/ x") + text[at + 1 :]
+        return self.check(value, ops)
+
+    def check(self, value: Any, ops: list[str]) -> Execution:
+        data = json.dumps(value, sort_keys=True, default=str).encode()
+
+        def result(kind: str, code: str, detail: str = "") -> Execution:
+            return Execution(self.name, kind, code, ops, data, "statement", detail)
+
+        self.before(data)
+        try:
+            got = verify_statement(_RECIPIENT_KMS.public_key(), value, application=_APP,
+                                   name="weights", key_type="age")
+        except ProtocolError as e:
+            if e.code not in ("recipient_unauthenticated", "recipient_mismatch"):
+                return result("crash", e.code, "undocumented code")
+            return result("refused", e.code)
+        except Exception as e:
+            return result("crash", type(e).__name__, _trace(e))
+        signed = {k: self.genuine[k] for k in got}
+        if got != signed or got["recipient"] != str(FUZZ_IDENTITY.recipient):
+            return result("accepted_mutant", "accepted", "a changed statement verified")
+        return result("accepted", "accepted")
+
+
+SEALED_TARGETS: dict[str, type[SealedTarget] | type[DotenvTarget] | type[RecipientTarget]] = {
     "sealed": SealedTarget,
     "dotenv": DotenvTarget,
+    "recipient": RecipientTarget,
 }

@@ -770,7 +770,9 @@ def _provenance_target(corpus: Corpus, mutator: Mutator) -> Target:
 
 
 TARGETS["provenance"] = _provenance_target
-SEALED_TARGET_NAMES = ("sealed", "dotenv")
+
+
+SEALED_TARGET_NAMES = ("sealed", "dotenv", "recipient")
 
 
 def make_target(name: str, corpus: Corpus | None = None) -> Target:

@@ -347,17 +347,6 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
     help="Allow --out/--out-dir on a file system other than tmpfs or ramfs.",
 )
 @click.option(
-    "--key-format",
-    help="File format of typed keys: ed25519 'pem' (PKCS#8, default) or 'raw' (32 bytes); "
-    "secp256k1 is always 'hex' (0x + 64 hex digits, as cast and web3 read it), age 'age'.",
-)
-@click.option(
-    "--provenance-out",
-    type=click.Path(dir_okay=False),
-    help="Write the KMS's provenance statement of the (one) typed key to FILE: public, "
-    "check it with 'keyutil verify-provenance'.",
-)
-@click.option(
     "--unseal",
     "unseal_source",
     metavar="IN",
@@ -375,6 +364,23 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
     "--source-ca",
     type=click.Path(exists=True, dir_okay=False),
     help="For --unseal https://: trust only this CA file.",
+)
+@click.option(
+    "--expect-sha256",
+    metavar="HEX",
+    help="For --unseal: the plaintext's SHA-256, pinned in the image; a file sealed by "
+    "anyone else is refused (see 'keyutil unseal --help').",
+)
+@click.option(
+    "--key-format",
+    help="File format of typed keys: ed25519 'pem' (PKCS#8, default) or 'raw' (32 bytes); "
+    "secp256k1 is always 'hex' (0x + 64 hex digits, as cast and web3 read it), age 'age'.",
+)
+@click.option(
+    "--provenance-out",
+    type=click.Path(dir_okay=False),
+    help="Write the KMS's provenance statement of the (one) typed key to FILE: public, "
+    "check it with 'keyutil verify-provenance'.",
 )
 @deadline_option(60.0)
 @nsm_option
@@ -402,6 +408,7 @@ def get_key(
     unseal_to: str | None,
     via: str | None,
     source_ca: str | None,
+    expect_sha256: str | None,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
@@ -445,8 +452,8 @@ def get_key(
         to_stdout = True  # for the checks below: the key itself goes nowhere
         if out is not None or out_dir is not None or key_types != ("age",):
             raise click.UsageError("--unseal takes one --type age key and no --out/--out-dir")
-    elif via is not None or source_ca is not None:
-        raise click.UsageError("--via and --source-ca apply to --unseal only")
+    elif via is not None or source_ca is not None or expect_sha256 is not None:
+        raise click.UsageError("--via, --source-ca and --expect-sha256 apply to --unseal only")
     if sum((out is not None, out_dir is not None, to_stdout)) != 1:
         raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
     if out is not None and len(key_names) > 1:
@@ -488,6 +495,7 @@ def get_key(
         if len(request.keys) != 1:
             raise click.UsageError("--unseal takes one --type age key")
         unsealed = sealing.check_output(log, unseal_to, allow_persistent)
+        digest = sealing.sha256_option_value(click.get_current_context(), None, expect_sha256)
     else:
         try:
             sink.check([k.name for k in request.keys])
@@ -524,7 +532,8 @@ def get_key(
         finally:
             release.wipe()
         sealing.unseal_to(
-            log, [age_identity], unseal_source, unsealed, via=via, source_ca=source_ca
+            log, [age_identity], unseal_source, unsealed, via=via, source_ca=source_ca,
+            expect_sha256=digest,
         )
         return
     # Typed keys are written as their type's file (an age identity), raw keys as bytes.

@@ -284,11 +284,18 @@ def recipient(state_dir: Path, app: str, key_name: str, key_type: str, as_json: 
 
     The same value GET /v1/recipient serves and 'keyutil recipient' checks; no chain and no
     attestation needed: seal data to an application before its first image is registered.
-    Exit codes: 0 printed, 1 invalid application, key name or type, or unusable state.
+    The state directory must exist (it is never created here).
+    Exit codes: 0 printed, 1 invalid application, key name or type, or no usable state.
     """
     from mock_kms.recipients import recipient_statement
-    from mock_kms.state import KmsState
+    from mock_kms.state import ROOT_SECRET_FILE, KmsState
 
+    if not (state_dir / ROOT_SECRET_FILE).is_file():
+        # Unlike 'identity', never create a state here: a recipient of a root secret that no
+        # KMS holds (a mistyped directory) would seal data nobody can open.
+        click.echo(f"mock-kms: state_invalid: no KMS state in {state_dir} (no "
+                   f"{ROOT_SECRET_FILE}); give the KMS's --state-dir", err=True)
+        sys.exit(EXIT_INVALID)
     try:
         statement = recipient_statement(
             KmsState.load_or_create(state_dir), app=app, name=key_name, key_type=key_type

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_fuzz_smoke import assert_clean, run
 
-from fuzz.sealed import DotenvTarget, SealedTarget
+from fuzz.sealed import DotenvTarget, RecipientTarget, SealedTarget
 from fuzz.targets import make_target
 from keyutil.sealing import age
 
@@ -31,6 +31,30 @@ def test_dotenv_smoke(tmp_path: Path) -> None:
     assert recorder.kinds["refused"] > 500 and recorder.kinds["accepted"] > 500
 
 
+def test_recipient_statement_smoke(tmp_path: Path) -> None:
+    recorder = run(RecipientTarget(), 4000, tmp_path)
+    assert_clean(recorder)
+    assert recorder.codes["refused:recipient_unauthenticated"] > 1000
+    assert recorder.codes["refused:recipient_mismatch"] > 50  # the replayed statement
+    assert recorder.kinds["accepted"] > 100  # unsigned extras only
+
+
+def test_the_oracle_catches_a_statement_check_that_skips_the_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    target = RecipientTarget()
+    assert target.check(dict(target.other), ["replay"]).code == "recipient_mismatch"
+    import fuzz.sealed
+
+    lenient = fuzz.sealed.verify_statement
+
+    def skip_name(*args: object, **kw: object) -> object:
+        return lenient(*args, **{**kw, "name": "weights2"})  # type: ignore[arg-type]
+
+    monkeypatch.setattr(fuzz.sealed, "verify_statement", skip_name)
+    assert target.check(dict(target.other), ["replay"]).kind == "accepted_mutant"
+
+
 def test_the_oracle_catches_an_opener_that_skips_the_header_mac() -> None:
     target = SealedTarget()
     seed = target.seeds[2]
@@ -50,3 +74,4 @@ def test_the_oracle_catches_an_opener_that_skips_the_header_mac() -> None:
 def test_run_knows_the_sealed_targets() -> None:
     assert isinstance(make_target("sealed"), SealedTarget)
     assert isinstance(make_target("dotenv"), DotenvTarget)
+    assert isinstance(make_target("recipient"), RecipientTarget)

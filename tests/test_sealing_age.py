@@ -287,3 +287,16 @@ def test_differential_against_stock_age_on_damaged_files(tmp_path: Path) -> None
             assert out.getvalue() == theirs.stdout
         kinds.add(execution.code)
     assert len(kinds) >= 5, kinds
+
+
+def test_a_pinned_digest_refuses_other_plaintext_after_the_last_chunk(me: Identity) -> None:
+    import hashlib
+
+    blob = sealed(b"z" * (CHUNK + 5), me.recipient)
+    written: list[bytes] = []
+    with pytest.raises(SealedError) as err:
+        age.unseal(io.BytesIO(blob), written.append, me, expect_sha256=hashlib.sha256(b"x").digest())
+    assert err.value.code == "sealed_digest_mismatch"
+    assert sum(map(len, written)) == CHUNK + 5  # refused at the end: the caller publishes nothing
+    pin = hashlib.sha256(b"z" * (CHUNK + 5)).digest()
+    assert age.unseal(io.BytesIO(blob), lambda _: None, me, expect_sha256=pin) == CHUNK + 5

@@ -7,6 +7,7 @@ import http.server
 import json
 import os
 import ssl
+import stat
 import subprocess
 import sys
 import threading
@@ -368,6 +369,15 @@ def test_https_input_through_the_egress_proxy(
 
 # -- keyutil exec ---------------------------------------------------------------------------
 
+def keyutil_exec(s: Setup, kms: Kms, sealed_env: str, *args: str, **kw: Any) -> Any:
+    """``keyutil exec --sealed-env SEALED_ENV --key env`` in the simulated enclave."""
+    return run(
+        KEYUTIL, "exec", "--sealed-env", sealed_env, "--key", "env", "--kms", kms.url,
+        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
+        "--log-format", "json", *args, **kw,
+    )
+
+
 APP = """
 import hashlib, json, os, sys
 names = sys.argv[1:]
@@ -394,11 +404,9 @@ def test_exec_gives_the_app_its_secrets_and_nothing_else_sees_them(
     app = tmp_path / "app.py"
     app.write_text(APP)
     started = time.time()
-    result = run(
-        KEYUTIL, "exec", "--sealed-env", str(sealed), "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--log-format", "json", "-v",
-        "--", sys.executable, str(app), "DB_USER", "DB_PASS", "API_TOKEN",
+    result = keyutil_exec(
+        s, kms, str(sealed), "-v", "--", sys.executable, str(app), "DB_USER", "DB_PASS",
+        "API_TOKEN",
     )
     assert result.returncode == 0, result.stderr.decode()
     seen = json.loads(result.stdout)
@@ -408,16 +416,20 @@ def test_exec_gives_the_app_its_secrets_and_nothing_else_sees_them(
                  s.kms_log.read_bytes(), s.audit.read_bytes()):
         assert not any(x in blob for x in secrets_)
     # Every file written during the run, where a process here writes files.
+    # Other jobs create and delete files there meanwhile: os.walk skips what vanishes.
     for root in (tmp_path, s.root, s.keys, Path("/dev/shm"), Path("/tmp")):
-        for path in root.rglob("*"):
-            try:
-                info = path.stat()
-                if not path.is_file() or info.st_mtime < started - 1 or info.st_size > 1 << 24:
+        for directory, _, names in os.walk(root, onerror=lambda _: None):
+            for name in names:
+                path = Path(directory) / name
+                try:
+                    info = path.lstat()
+                    if (not stat.S_ISREG(info.st_mode) or info.st_mtime < started - 1
+                            or info.st_size > 1 << 24):
+                        continue
+                    data = path.read_bytes()
+                except OSError:
                     continue
-                data = path.read_bytes()
-            except OSError:
-                continue
-            assert not any(x in data for x in secrets_), path
+                assert not any(x in data for x in secrets_), path
 
 
 @pytest.mark.parametrize(
@@ -436,11 +448,7 @@ def test_exec_refuses_a_malformed_dotenv_by_line_number(
     sealed = tmp_path / "bad.env.age"
     run("age", "-r", recipient_of(s, kms, key="env"), "-o", str(sealed), input=dotenv,
         check=True)
-    result = run(
-        KEYUTIL, "exec", "--sealed-env", str(sealed), "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--log-format", "json", "--", "true",
-    )
+    result = keyutil_exec(s, kms, str(sealed), "--", "true")
     assert result.returncode == 9
     (record,) = [json.loads(x) for x in result.stderr.splitlines() if b'"error"' in x]
     assert record["code"] == "dotenv_invalid" and record["line"] == line
@@ -452,9 +460,62 @@ def test_exec_of_a_missing_command_exits_127(env: tuple[Setup, Kms], tmp_path: P
     sealed = tmp_path / "ok.env.age"
     run("age", "-r", recipient_of(s, kms, key="env"), "-o", str(sealed), input=b"A=1\n",
         check=True)
-    result = run(
-        KEYUTIL, "exec", "--sealed-env", str(sealed), "--key", "env", "--kms", kms.url,
-        "--kms-pubkey", s.identity, "--nsm", "simulator", "--sim-dir", str(s.sim),
-        "--", str(tmp_path / "no-such-app"),
-    )
+    result = keyutil_exec(s, kms, str(sealed), "--", str(tmp_path / "no-such-app"))
     assert result.returncode == 127 and b"exec_failed" in result.stderr
+
+
+def test_recipient_and_exec_error_exits(env: tuple[Setup, Kms], tmp_path: Path) -> None:
+    s, kms = env
+    base = [KEYUTIL, "recipient", "--kms-pubkey", s.identity, "--log-format", "json"]
+    unreachable = run(*base, "--kms", "http://127.0.0.1:1", "--app", "a", "--key", "k",
+                      "--deadline", "2")
+    assert unreachable.returncode == 3
+    refused = run(*base, "--kms", kms.url, "--app", "a", "--key", "bad name")
+    assert refused.returncode == 4 and codes(refused.stderr) == ["bad_request"]
+    assert run(*base, "--kms", kms.url, "--app", "x" * 33, "--key", "k").returncode == 2
+    bad_pin = run(KEYUTIL, "recipient", "--kms-pubkey", "ed25519:AAAA", "--kms", kms.url,
+                  "--app", "a", "--key", "k")
+    assert bad_pin.returncode == 2
+    missing = keyutil_exec(s, kms, str(tmp_path / "none.age"), "--", "true")
+    assert missing.returncode == 2 and codes(missing.stderr)[-1] == "source_missing"
+    other = run("age", "-r", recipient_of(s, kms, key="not-env"), input=b"A=1\n").stdout
+    wrong_key = keyutil_exec(s, kms, "-", "--", "true", input=other)
+    assert wrong_key.returncode == 9 and codes(wrong_key.stderr)[-1] == "sealed_not_for_key"
+
+
+def test_a_file_substituted_by_the_host_is_caught_by_the_pinned_digest(
+    env: tuple[Setup, Kms], tmp_path: Path
+) -> None:
+    """The recipient is public: a host can seal weights of its own to it. age authenticates
+    the file, not its author; the digest pinned in the image does."""
+    import hashlib
+
+    s, kms = env
+    recipient = recipient_of(s, kms)
+    genuine = seal_with_age(recipient, tmp_path)
+    forged = tmp_path / "forged.age"
+    run("age", "-r", recipient, "-o", str(forged), input=b"the host's weights", check=True)
+    pin = hashlib.sha256(PLAINTEXT).hexdigest()
+    out = s.keys / "weights.bin"
+    common = ("--key", "weights", "--type", "age", "--unseal-to", str(out))
+    unpinned = s.get_key(kms.url, *common, "--unseal", str(forged))
+    assert unpinned.returncode == 0 and out.read_bytes() == b"the host's weights"
+    out.unlink()
+    caught = s.get_key(kms.url, *common, "--unseal", str(forged), "--expect-sha256", pin)
+    assert caught.returncode == 9 and codes(caught.stderr)[-1] == "sealed_digest_mismatch"
+    assert leftovers(s.keys) == []
+    ok = s.get_key(kms.url, *common, "--unseal", str(genuine), "--expect-sha256", pin.upper())
+    assert ok.returncode == 0 and out.read_bytes() == PLAINTEXT
+    out.unlink()
+    bad = s.get_key(kms.url, *common, "--unseal", str(genuine), "--expect-sha256", "abc")
+    assert bad.returncode == 2 and leftovers(s.keys) == []
+    # exec and unseal take the same pin.
+    env_file = tmp_path / "env.age"
+    run("age", "-r", recipient_of(s, kms, key="env"), "-o", str(env_file), input=b"A=1\n",
+        check=True)
+    wrong = keyutil_exec(s, kms, str(env_file), "--expect-sha256", pin, "--", "true")
+    assert wrong.returncode == 9 and codes(wrong.stderr)[-1] == "sealed_digest_mismatch"
+    right = keyutil_exec(
+        s, kms, str(env_file), "--expect-sha256", hashlib.sha256(b"A=1\n").hexdigest(), "--", "true"
+    )
+    assert right.returncode == 0, right.stderr

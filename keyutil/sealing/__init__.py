@@ -17,3 +17,18 @@ Modules, by who uses them:
 
 See docs/sealing.md and docs/adr/0008-age-sealing.md.
 """
+
+from __future__ import annotations
+
+
+def parse_sha256(text: str) -> bytes:
+    """The 32 bytes of a SHA-256 written as 64 hex digits (``sha256sum``'s output, an
+    optional ``0x``); ValueError otherwise."""
+    value = text.strip().lower().removeprefix("0x")
+    try:
+        digest = bytes.fromhex(value)
+    except ValueError:
+        digest = b""
+    if len(digest) != 32:
+        raise ValueError("expected a SHA-256 as 64 hex digits (sha256sum's output)")
+    return digest

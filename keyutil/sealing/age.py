@@ -43,6 +43,7 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import hashlib
 import hmac
 import os
 from collections.abc import Callable, Iterator, Sequence
@@ -80,6 +81,7 @@ CODES = {
     "sealed_truncated": "the input ends before its final chunk",
     "sealed_altered": "a chunk failed authentication: altered, reordered or cut",
     "sealed_trailing_data": "data follows the final chunk",
+    "sealed_digest_mismatch": "the plaintext's SHA-256 is not the expected one",
     "identity_invalid": "the identity file holds no AGE-SECRET-KEY-1 line",
     "recipient_invalid": "not an age1 X25519 recipient",
 }
@@ -384,16 +386,38 @@ def _explain(aead: ChaCha20Poly1305, counter: int, last: bool, sealed: memoryvie
     return SealedError("sealed_trailing_data", f"data follows the final chunk {counter}")
 
 
-def unseal(stream: BinaryIO, write: Writer, identity: Identity | Sequence[Identity]) -> int:
+def unseal(
+    stream: BinaryIO,
+    write: Writer,
+    identity: Identity | Sequence[Identity],
+    *,
+    expect_sha256: bytes | None = None,
+) -> int:
     """Open an age file from ``stream``: ``write`` each authenticated chunk of plaintext,
-    return the plaintext size once the whole file authenticated; SealedError otherwise."""
+    return the plaintext size once the whole file authenticated; SealedError otherwise.
+
+    ``expect_sha256``: the plaintext's SHA-256 as the author published it. age authenticates
+    a file, not its author: the recipient is public, so anyone (a host) can seal a file of
+    its own to it. With a digest pinned where the host cannot change it (the image), a
+    substituted file is refused (``sealed_digest_mismatch``) like an altered one, after the
+    last chunk and before the caller publishes anything.
+    """
     identities = [identity] if isinstance(identity, Identity) else list(identity)
     header = read_header(stream)
     file_key = unwrap(header, identities)
+    digest = hashlib.sha256() if expect_sha256 is not None else None
     total = 0
     for chunk in open_payload(stream, file_key):
+        if digest is not None:
+            digest.update(chunk)
         write(chunk)
         total += len(chunk)
+    if digest is not None and not hmac.compare_digest(digest.digest(), expect_sha256 or b""):
+        raise SealedError(
+            "sealed_digest_mismatch",
+            "the file opened, but its plaintext is not the one expected (--expect-sha256): "
+            "sealed by someone else",
+        )
     return total
 
 

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
@@ -38,6 +38,12 @@ from keyutil.cli import (
 )
 from keyutil.nsm import NsmError, NsmKind, open_nsm
 
+if TYPE_CHECKING:  # the modules themselves load only when a command needs them
+    from keyutil.sealing.age import Identity
+    from keyutil.sealing.streams import PlaintextFile, StdoutOutput
+
+    Output = PlaintextFile | StdoutOutput
+
 EXIT_SEALED = 9
 DEFAULT_SOURCE_TIMEOUT = 60.0
 
@@ -54,6 +60,29 @@ source_ca_option = click.option(
     envvar="KEYUTIL_SOURCE_CA",
     help="For https:// input: trust only this CA file (PEM). Default: the system store.",
 )
+def sha256_option_value(
+    ctx: click.Context, param: click.Parameter | None, value: Any
+) -> bytes | None:
+    """click callback: ``--expect-sha256 HEX`` as 32 bytes."""
+    from keyutil.sealing import parse_sha256
+
+    if value is None:
+        return None
+    try:
+        return parse_sha256(str(value))
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--expect-sha256") from None
+
+
+expect_sha256_option = click.option(
+    "--expect-sha256",
+    metavar="HEX",
+    callback=sha256_option_value,
+    envvar="KEYUTIL_EXPECT_SHA256",
+    help="The plaintext's SHA-256 (sha256sum of the file before sealing), baked into the "
+    "image: refuse a file sealed by anyone else (the recipient is public). Exit 9, "
+    "sealed_digest_mismatch, and no output file.",
+)
 allow_persistent_option = click.option(
     "--allow-persistent",
     is_flag=True,
@@ -61,7 +90,7 @@ allow_persistent_option = click.option(
 )
 
 
-def fail(log: EventLog, error: Exception) -> None:
+def fail(log: EventLog, error: Exception) -> NoReturn:
     """Log ``error`` with its code and exit with the documented status for its kind.
 
     Every error these commands turn into an exit status carries ``code`` and ``message``
@@ -97,9 +126,10 @@ def fail(log: EventLog, error: Exception) -> None:
     else:
         raise error
     log.fail(status, event, **fields)
+    raise SystemExit(status)  # log.fail exits; this tells the type checker so
 
 
-def _output(target: str, allow_persistent: bool) -> Any:
+def _output(target: str, allow_persistent: bool) -> Output:
     from keyutil.sealing.streams import PlaintextFile, StdoutOutput
 
     if target == "-":
@@ -107,7 +137,7 @@ def _output(target: str, allow_persistent: bool) -> Any:
     return PlaintextFile(target, allow_persistent=allow_persistent)
 
 
-def check_output(log: EventLog, target: str, allow_persistent: bool) -> Any:
+def check_output(log: EventLog, target: str, allow_persistent: bool) -> Output:
     """The output for ``target`` (``-`` is stdout), checked before anything is released."""
     from keyutil.output import OutputError
 
@@ -121,16 +151,18 @@ def check_output(log: EventLog, target: str, allow_persistent: bool) -> Any:
 
 def unseal_to(
     log: EventLog,
-    identities: Sequence[Any],
+    identities: Sequence[Identity],
     source_spec: str,
-    out: Any,
+    out: Output,
     *,
     via: str | None,
     source_ca: str | None,
+    expect_sha256: bytes | None = None,
     timeout: float = DEFAULT_SOURCE_TIMEOUT,
 ) -> None:
     """Open ``source_spec`` with ``identities`` into ``out``; a file appears only if the whole
-    input authenticated. Exits with the documented code on any refusal."""
+    input authenticated (and has the expected digest, if given). Exits with the documented
+    code on any refusal."""
     from keyutil.output import OutputError
     from keyutil.sealing.age import SealedError, unseal
     from keyutil.sealing.streams import PlaintextFile, SourceError, open_source
@@ -140,13 +172,12 @@ def unseal_to(
         with open_source(source_spec, via=via, ca_file=source_ca, timeout=timeout) as source:
             if isinstance(out, PlaintextFile):
                 with out:
-                    size = unseal(source, out.write, identities)
+                    size = unseal(source, out.write, identities, expect_sha256=expect_sha256)
                     out.publish()
             else:
-                size = unseal(source, out.write, identities)
+                size = unseal(source, out.write, identities, expect_sha256=expect_sha256)
     except (SourceError, SealedError, OutputError) as e:
         fail(log, e)
-        return
     log(
         "info",
         "unsealed",
@@ -170,7 +201,7 @@ def release_age_identity(
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
-) -> Any:
+) -> Identity:
     """The age Identity of key ``key_name``, released to this enclave, held in memory only."""
     from keyutil.client import (
         AnswerRejected,
@@ -207,7 +238,6 @@ def release_age_identity(
         )
     except (NsmError, KmsUnavailable, KmsDenied, AnswerRejected) as e:
         fail(log, e)
-        return None
     try:
         return Identity(bytes(release.keys[0].value))
     finally:
@@ -296,6 +326,7 @@ def seal_command(
 @via_option
 @source_ca_option
 @allow_persistent_option
+@expect_sha256_option
 @click.argument("source")
 @click.argument("destination")
 @log_format_option
@@ -304,6 +335,7 @@ def unseal_command(
     via: str | None,
     source_ca: str | None,
     allow_persistent: bool,
+    expect_sha256: bytes | None,
     source: str,
     destination: str,
     log_format: str,
@@ -331,7 +363,9 @@ def unseal_command(
     except OSError as e:
         raise click.BadParameter(str(e.strerror), param_hint="--identity") from None
     out = check_output(log, destination, allow_persistent)
-    unseal_to(log, identities, source, out, via=via, source_ca=source_ca)
+    unseal_to(
+        log, identities, source, out, via=via, source_ca=source_ca, expect_sha256=expect_sha256
+    )
 
 
 @click.command("recipient")
@@ -401,7 +435,6 @@ def recipient_command(
         body = classify(response, "recipient")
     except (TransportError, KmsUnavailable, KmsDenied) as e:
         fail(log, e)
-        return
     try:
         statement = verify_statement(
             pinned, body, application=application, name=key_name, key_type="age"
@@ -441,6 +474,7 @@ def recipient_command(
               help="HPKE suite the identity is sealed with.")
 @via_option
 @source_ca_option
+@expect_sha256_option
 @deadline_option(60.0)
 @nsm_option
 @sim_dir_option
@@ -457,6 +491,7 @@ def exec_command(
     suite: str,
     via: str | None,
     source_ca: str | None,
+    expect_sha256: bytes | None,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
@@ -498,11 +533,10 @@ def exec_command(
     plaintext = bytearray()
     try:
         with open_source(sealed_env, via=via, ca_file=source_ca, timeout=deadline) as source:
-            unseal(source, plaintext.extend, identity)
+            unseal(source, plaintext.extend, identity, expect_sha256=expect_sha256)
         variables = parse_dotenv(plaintext)
     except (SourceError, SealedError, DotenvError) as e:
         fail(log, e)
-        return
     finally:
         plaintext[:] = bytes(len(plaintext))
     del identity

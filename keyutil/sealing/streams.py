@@ -15,8 +15,9 @@ the URL's host name, so the host only relays bytes it cannot read or alter unnot
 age format authenticates them anyway).
 
 Output: :class:`PlaintextFile` writes into a temporary file next to the target (mode 0400,
-``O_EXCL``, on tmpfs/ramfs unless ``allow_persistent``: the rules of key files, checked by
-:func:`keyutil.output.check_volatile`) and renames it over the target only in
+``O_EXCL``, on tmpfs/ramfs unless ``allow_persistent``: the rules of key files; the
+directory is opened once, a symlink refused, and every operation is relative to it) and
+renames it over the target only in
 :meth:`PlaintextFile.publish`, which the caller calls once the whole input authenticated;
 leaving the ``with`` block without publishing removes the temporary file. :class:`StdoutOutput`
 streams to stdout (refused on a terminal): a reader of a pipe must check the exit status,
@@ -26,7 +27,6 @@ since a refusal there comes after the chunks that did authenticate.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import http.client
 import io
 import os
@@ -39,11 +39,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from keyutil.output import KEY_FILE_MODE, OutputError, check_volatile
+from keyutil.output import KEY_FILE_MODE, VOLATILE_FILESYSTEMS, OutputError, filesystem_magic
 
 READ_BUFFER = 64 * 1024 + 16
 DEFAULT_FETCH_TIMEOUT = 60.0
-PIPE_SIZE = 1 << 20
 
 
 class SourceError(Exception):
@@ -170,36 +169,91 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
         view = view[os.write(fd, view) :]
 
 
+def open_volatile_directory(path: Path, *, allow_persistent: bool) -> int:
+    """A descriptor of directory ``path`` (a symlink refused), checked to be on tmpfs or
+    ramfs unless ``allow_persistent``, and writable; OutputError otherwise.
+
+    The one place that decides where plaintext may go: the same rule as key files
+    (:mod:`keyutil.output`), and every file operation after it is relative to the descriptor.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise OutputError("output_dir_missing", f"{path} does not exist") from None
+    except OSError as e:
+        if os.path.islink(path):
+            raise OutputError(
+                "output_symlink", f"{path} is a symbolic link; give the real directory"
+            ) from None
+        if isinstance(e, NotADirectoryError):
+            raise OutputError("output_dir_missing", f"{path} is not a directory") from None
+        raise OutputError("output_unwritable", f"cannot open {path}: {e.strerror}") from None
+    try:
+        magic = filesystem_magic(f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd")
+                                 else path)
+        if not allow_persistent and magic not in VOLATILE_FILESYSTEMS:
+            raise OutputError(
+                "output_persistent",
+                f"{path} is not on tmpfs or ramfs (file system magic {magic:#x}); plaintext "
+                "must not reach a persistent disk. Use a tmpfs (e.g. /run, /dev/shm) or "
+                "--allow-persistent",
+            )
+        if not os.access(".", os.W_OK, dir_fd=fd):
+            raise OutputError("output_unwritable", f"{path} is not writable")
+    except OSError as e:
+        os.close(fd)
+        raise OutputError("output_unwritable", f"cannot inspect {path}: {e.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class PlaintextFile:
     """Plaintext to ``path``, published by rename only after :meth:`publish`."""
 
     def __init__(self, path: str | os.PathLike[str], *, allow_persistent: bool = False) -> None:
         self.path = Path(path)
         self.allow_persistent = allow_persistent
-        self._tmp: Path | None = None
+        self._dir = -1
+        self._tmp: str | None = None
         self._fd = -1
+
+    def _open_directory(self) -> int:
+        fd = open_volatile_directory(self.path.parent, allow_persistent=self.allow_persistent)
+        try:
+            info = os.stat(self.path.name, dir_fd=fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return fd
+        except OSError as e:
+            os.close(fd)
+            raise OutputError("output_unwritable", f"cannot inspect {self.path}: {e.strerror}") \
+                from None
+        if stat.S_ISDIR(info.st_mode):
+            os.close(fd)
+            raise OutputError("output_usage", f"{self.path} is a directory")
+        return fd
 
     def check(self) -> None:
         """OutputError if the target cannot be written (before any key is released)."""
-        if self.path.is_dir():
-            raise OutputError("output_usage", f"{self.path} is a directory")
-        check_volatile(self.path.parent, allow_persistent=self.allow_persistent)
-        if not os.access(self.path.parent, os.W_OK):
-            raise OutputError("output_unwritable", f"{self.path.parent} is not writable")
+        os.close(self._open_directory())
 
     def __enter__(self) -> PlaintextFile:
-        self.check()
-        self._tmp = self.path.with_name(f".{self.path.name}.{secrets.token_hex(6)}.tmp")
+        self._dir = self._open_directory()
+        self._tmp = f".{self.path.name}.{secrets.token_hex(8)}.tmp"
         try:
             self._fd = os.open(
                 self._tmp,
                 os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
                 KEY_FILE_MODE,
+                dir_fd=self._dir,
             )
             os.fchmod(self._fd, KEY_FILE_MODE)  # whatever the umask did
         except OSError as e:
-            raise OutputError("output_unwritable", f"cannot create in {self.path.parent}: "
-                              f"{e.strerror}") from None
+            self.__exit__(None, None, None)
+            raise OutputError(
+                "output_unwritable", f"cannot create in {self.path.parent}: {e.strerror}"
+            ) from None
         return self
 
     def write(self, data: bytes) -> None:
@@ -216,13 +270,9 @@ class PlaintextFile:
             os.fsync(self._fd)
             os.close(self._fd)
             self._fd = -1
-            os.replace(self._tmp, self.path)
+            os.rename(self._tmp, self.path.name, src_dir_fd=self._dir, dst_dir_fd=self._dir)
             self._tmp = None
-            directory = os.open(self.path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            try:
-                os.fsync(directory)
-            finally:
-                os.close(directory)
+            os.fsync(self._dir)
         except OSError as e:
             raise OutputError("output_unwritable", f"cannot publish {self.path}: {e.strerror}") \
                 from None
@@ -238,8 +288,11 @@ class PlaintextFile:
             self._fd = -1
         if self._tmp is not None:  # not published: nothing of it stays
             with contextlib.suppress(OSError):
-                self._tmp.unlink()
+                os.unlink(self._tmp, dir_fd=self._dir)
             self._tmp = None
+        if self._dir >= 0:
+            os.close(self._dir)
+            self._dir = -1
 
 
 class StdoutOutput:
@@ -253,11 +306,6 @@ class StdoutOutput:
             raise OutputError(
                 "output_terminal", "refusing to write plaintext to a terminal; redirect stdout"
             )
-        # A pipe holds 64 KiB by default, one chunk: every write would wait for the reader.
-        # A larger one (up to the unprivileged limit, 1 MiB) lets both sides run.
-        with contextlib.suppress(OSError):
-            if stat.S_ISFIFO(os.fstat(self.fd).st_mode):
-                fcntl.fcntl(self.fd, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
 
     def write(self, data: bytes) -> None:
         try:
