@@ -78,6 +78,7 @@ class ErrorCode(enum.StrEnum):
     STATE_INVALID = "state_invalid"
     AUDIT_UNAVAILABLE = "audit_unavailable"
     OVERLOADED = "overloaded"
+    REPLAY_STORE_UNAVAILABLE = "replay_store_unavailable"
 
 
 class KmsError(Exception):
