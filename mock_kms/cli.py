@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
 import json
 import logging
@@ -336,6 +337,42 @@ def identity(state_dir: Path) -> None:
     envvar="MOCK_KMS_REQUEST_TIMEOUT",
     help="Close a connection whose request is not whole this many seconds after its first byte.",
 )
+@click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=lambda: __import__("mock_kms.workers").workers.usable_cpus(),
+    show_default="usable CPUs",
+    envvar="MOCK_KMS_WORKERS",
+    help="Processes accepting on the one listening address, each with --threads threads.",
+)
+@click.option(
+    "--replay-store",
+    envvar="MOCK_KMS_REPLAY_STORE",
+    help="Where used challenges are remembered: sqlite (STATE_DIR/replay.sqlite3, shared by "
+    "workers and restarts), sqlite:///PATH, or redis://HOST:PORT/DB (shared by replicas).",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(0.1, 600),
+    default=5.0,
+    envvar="MOCK_KMS_HEADER_TIMEOUT",
+    help="Close a connection whose request head is not whole this many seconds after its "
+    "first byte.",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=5.0,
+    envvar="MOCK_KMS_KEEPALIVE_TIMEOUT",
+    help="Close a connection that waits this many seconds between requests.",
+)
+@click.option(
+    "--max-connections-per-peer",
+    type=click.IntRange(1, 200),
+    default=32,
+    envvar="MOCK_KMS_MAX_CONNECTIONS_PER_PEER",
+    help="Connections one TCP peer address may hold, per worker (the rest are closed).",
+)
 def serve(
     host: str,
     port: int,
@@ -357,6 +394,11 @@ def serve(
     threads: int,
     idle_timeout: int,
     request_timeout: float,
+    workers: int,
+    replay_store: str | None,
+    header_timeout: float,
+    keepalive_timeout: float,
+    max_connections_per_peer: int,
 ) -> None:
     """Serve attested key release over HTTP (loopback by default).
 
@@ -372,7 +414,8 @@ def serve(
       mock-kms serve --trust-root /tmp/sim/root.pem \\
           --allow-image "$(jq -r .os_image_hash /tmp/sim/enclave.json)=my-app"
     """
-    from mock_kms.server import KmsApp, ServerSettings, create_server
+    from mock_kms.replay import open_replay_store
+    from mock_kms.server import ServerSettings, listen
     from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
     from mock_kms.state import KmsState
 
@@ -383,6 +426,9 @@ def serve(
         )
         verifier = _make_verifier(trust_roots, "--trust-root", no_aws_root, max_age, allow_debug)
         audit = AuditLog(audit_log)
+        store = open_replay_store(replay_store, state_dir)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--replay-store") from None
     except OSError as e:
         click.echo(f"mock-kms: cannot open the audit log: {e.strerror}", err=True)
         sys.exit(EXIT_INVALID)
@@ -395,6 +441,7 @@ def serve(
         state=state,
         settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
         audit=audit,
+        replay_store=store,
     )
     settings = ServerSettings(
         host=host,
@@ -403,23 +450,66 @@ def serve(
         threads=threads,
         channel_timeout=idle_timeout,
         request_timeout=request_timeout,
+        header_timeout=header_timeout,
+        keepalive_timeout=keepalive_timeout,
+        max_connections_per_peer=max_connections_per_peer,
     )
-    server = create_server(KmsApp(service, max_body=settings.max_body), settings)
-    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{server.effective_port}"
+    try:
+        sock = listen(settings)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot listen: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    name = sock.getsockname()
+    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{name[1]}"
     logger = logging.getLogger("mock_kms")
-    logger.warning("mock-kms serving on %s, identity %s", where, state.identity_text)
+    logger.warning(
+        "mock-kms serving on %s with %d worker(s), replay store %s, identity %s",
+        where, workers, store.description, state.identity_text,
+    )
     if allow_debug:
         logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
-    # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
-    # handler would pull them from under the select() that run() is blocked in.
-    signal.signal(signal.SIGTERM, _interrupt)
+    _serve_workers(service, settings, sock, workers)
+    logger.warning("mock-kms stopping")
+
+
+def _serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> None:
+    """Serve on ``sock``: in this process, or in ``workers`` forked ones with metrics summed
+    across them (prometheus_client's multiprocess files in a private directory)."""
+    import shutil
+    import tempfile
+
+    from mock_kms.server import KmsApp, create_server
+    from mock_kms.workers import run_workers
+
+    def serve_one(index: int, metrics_dir: str | None = None) -> None:
+        service.nonces.store.close()  # a forked worker opens its own connections
+        server = create_server(
+            KmsApp(service, max_body=settings.max_body, metrics_dir=metrics_dir), settings, sock
+        )
+        # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
+        # handler would pull them from under the select() that run() is blocked in.
+        signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            server.run()  # returns (waitress swallows the interrupt) or raises it
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.close()
+
     try:
-        server.run()  # returns (waitress swallows the interrupt) or raises it
-    except KeyboardInterrupt:
-        pass
+        if workers == 1:
+            serve_one(0)
+            return
+        metrics_dir = tempfile.mkdtemp(prefix="mock-kms-metrics-")
+        try:
+            run_workers(workers, lambda index: serve_one(index, metrics_dir))
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:
-        logger.warning("mock-kms stopping")
-        server.close()
+        sock.close()
+        if settings.unix_socket:
+            with contextlib.suppress(OSError):
+                os.unlink(settings.unix_socket)
 
 
 def _interrupt(signum: int, frame: object) -> None:
