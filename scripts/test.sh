@@ -15,15 +15,20 @@ fi
 if [ -f package.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
-# socat: the other real vsock/unix-to-TCP proxy, a peer in the end-to-end proxy tests.
-if ! command -v socat >/dev/null 2>&1; then
+# Debian packages the tests start as real peers: socat (the other vsock/unix-to-TCP proxy)
+# and redis-server (the replay store shared by KMS replicas). One apt-get for the missing ones.
+missing=()
+command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing socat"
+    echo "== installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
   else
-    echo "scripts/test.sh: socat is missing and cannot be installed here (needs root and" \
-      "apt-get); install the socat package, or its end-to-end tests fail" >&2
+    echo "scripts/test.sh: ${missing[*]} missing and cannot be installed here (needs root and" \
+      "apt-get); install the Debian packages, or their end-to-end tests fail" >&2
   fi
 fi
 
