@@ -34,8 +34,10 @@ import abc
 import contextlib
 import enum
 import logging
+import os
 import sqlite3
 import threading
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
@@ -124,88 +126,121 @@ class MemoryReplayStore(ReplayStore):
 class SqliteReplayStore(ReplayStore):
     """SQLite in WAL mode: shared by every process of one machine that opens the same file.
 
-    One connection per thread (sqlite3 connections are not shared across threads), opened
-    lazily, so a forked worker opens its own. Each claim is one ``BEGIN IMMEDIATE``
-    transaction: it raises the high-water time, drops the entries it has passed, and inserts
-    the nonce if absent.
+    One connection per process, used by one thread at a time (a lock: threads of one
+    process gain nothing from queueing on the file lock instead), opened lazily so that a
+    forked worker opens its own. Each claim is one ``BEGIN IMMEDIATE`` transaction: it raises
+    the high-water time, drops the entries it has passed, and inserts the nonce if absent.
+
+    Another process's transaction makes ``BEGIN IMMEDIATE`` fail at once (busy timeout 0);
+    the claim retries after a pause growing from 0.1 ms to 2 ms, for up to ``busy_ms``.
+    SQLite's own busy handler would sleep 1, 2, 5, 10... ms, far longer than a transaction
+    here lasts (tens of microseconds).
     """
 
     def __init__(self, path: Path, *, busy_ms: int = SQLITE_BUSY_MS) -> None:
         self.path = path
         self.busy_ms = busy_ms
         self.description = f"sqlite {path}"
-        self._local = threading.local()
-        self._generation = 0
+        self._lock = threading.Lock()
+        self._conn: sqlite3.Connection | None = None
+        self._pid = 0
         try:
-            self._connection().close()
+            with self._lock:
+                self._connection()
         except sqlite3.Error as e:
             raise _unavailable(self.description, e) from None
-        self._local = threading.local()
+        finally:
+            self.close()
 
     def _connection(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is None or getattr(self._local, "generation", -1) != self._generation:
-            conn = sqlite3.connect(
-                self.path, timeout=self.busy_ms / 1000, isolation_level=None
-            )
-            conn.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode: a committed claim survives a crash of the process (what a
-            # restart needs); a power cut may lose the last ones, and a reboot outlasts them.
-            conn.execute("PRAGMA synchronous=NORMAL")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS nonces (nonce BLOB PRIMARY KEY, expires_ms INTEGER"
-                " NOT NULL) WITHOUT ROWID"
-            )
-            conn.execute("CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_ms)")
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS high_water (id INTEGER PRIMARY KEY CHECK (id = 0),"
-                " ms INTEGER NOT NULL)"
-            )
-            conn.execute("INSERT OR IGNORE INTO high_water VALUES (0, 0)")
-            self._local.conn = conn
-            self._local.generation = self._generation
+        if self._conn is not None and self._pid == os.getpid():
+            return self._conn
+        conn = sqlite3.connect(
+            self.path, timeout=0, isolation_level=None, check_same_thread=False
+        )
+        self._conn, self._pid = conn, os.getpid()
+        self._retrying(conn, "PRAGMA journal_mode=WAL")
+        # NORMAL in WAL mode: a committed claim survives a crash of the process (what a
+        # restart needs); a power cut may lose the last ones, and a reboot outlasts them.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self._retrying(
+            conn,
+            "CREATE TABLE IF NOT EXISTS nonces (nonce BLOB PRIMARY KEY, expires_ms INTEGER"
+            " NOT NULL) WITHOUT ROWID",
+            "CREATE INDEX IF NOT EXISTS nonces_expiry ON nonces (expires_ms)",
+            "CREATE TABLE IF NOT EXISTS high_water (id INTEGER PRIMARY KEY CHECK (id = 0),"
+            " ms INTEGER NOT NULL)",
+            "INSERT OR IGNORE INTO high_water VALUES (0, 0)",
+        )
         return conn
 
-    def claim(self, nonce: bytes, *, expires_ms: int, now_ms: int) -> Verdict:
-        try:
-            conn = self._connection()
-            conn.execute("BEGIN IMMEDIATE")
+    def _retrying(self, conn: sqlite3.Connection, *statements: str) -> None:
+        for statement in statements:
+            self._begin(conn, statement)
+
+    def _begin(self, conn: sqlite3.Connection, statement: str = "BEGIN IMMEDIATE") -> None:
+        """Run ``statement``, retrying while another process holds the write lock."""
+        end = time.monotonic() + self.busy_ms / 1000
+        pause = 0.0001
+        while True:
             try:
-                conn.execute("UPDATE high_water SET ms = max(ms, ?) WHERE id = 0", (now_ms,))
-                (high_water,) = conn.execute("SELECT ms FROM high_water WHERE id = 0").fetchone()
-                if expires_ms < high_water:
-                    verdict = Verdict.EXPIRED
-                else:
-                    conn.execute("DELETE FROM nonces WHERE expires_ms < ?", (high_water,))
-                    inserted = conn.execute(
-                        "INSERT OR IGNORE INTO nonces VALUES (?, ?)", (nonce, expires_ms)
-                    ).rowcount
-                    verdict = Verdict.ACCEPTED if inserted == 1 else Verdict.REPLAYED
-                conn.execute("COMMIT")
-            except BaseException:
-                with contextlib.suppress(sqlite3.Error):
-                    conn.execute("ROLLBACK")
-                raise
-        except sqlite3.Error as e:
-            self.close()
-            raise _unavailable(self.description, e) from None
+                conn.execute(statement)
+                return
+            except sqlite3.OperationalError as e:
+                if e.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                    raise
+                if time.monotonic() + pause > end:
+                    raise
+            time.sleep(pause)
+            pause = min(pause * 2, 0.002)
+
+    def claim(self, nonce: bytes, *, expires_ms: int, now_ms: int) -> Verdict:
+        with self._lock:
+            try:
+                conn = self._connection()
+                self._begin(conn)
+                try:
+                    conn.execute(
+                        "UPDATE high_water SET ms = max(ms, ?) WHERE id = 0", (now_ms,)
+                    )
+                    (high_water,) = conn.execute(
+                        "SELECT ms FROM high_water WHERE id = 0"
+                    ).fetchone()
+                    if expires_ms < high_water:
+                        verdict = Verdict.EXPIRED
+                    else:
+                        conn.execute("DELETE FROM nonces WHERE expires_ms < ?", (high_water,))
+                        inserted = conn.execute(
+                            "INSERT OR IGNORE INTO nonces VALUES (?, ?)", (nonce, expires_ms)
+                        ).rowcount
+                        verdict = Verdict.ACCEPTED if inserted == 1 else Verdict.REPLAYED
+                    conn.execute("COMMIT")
+                except BaseException:
+                    with contextlib.suppress(sqlite3.Error):
+                        conn.execute("ROLLBACK")
+                    raise
+            except sqlite3.Error as e:
+                self._close()
+                raise _unavailable(self.description, e) from None
         return verdict
 
     def check_ready(self) -> None:
-        try:
-            self._connection().execute("SELECT ms FROM high_water").fetchone()
-        except sqlite3.Error as e:
-            self.close()
-            raise _unavailable(self.description, e) from None
+        with self._lock:
+            try:
+                self._connection().execute("SELECT ms FROM high_water").fetchone()
+            except sqlite3.Error as e:
+                self._close()
+                raise _unavailable(self.description, e) from None
 
     def close(self) -> None:
-        # Other threads' connections are reopened on their next use.
-        self._generation += 1
-        conn = getattr(self._local, "conn", None)
-        if conn is not None:
+        with self._lock:
+            self._close()
+
+    def _close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None and self._pid == os.getpid():
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
-            self._local.conn = None
 
 
 # KEYS: nonce key, high-water key. ARGV: expires_ms, now_ms.

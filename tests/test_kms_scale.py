@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import statistics
+import sys
 import threading
 import time
 import urllib.error
@@ -26,6 +27,10 @@ from test_faults import audit_lines, fill, small_fs  # noqa: F401 - a fixture
 from keyutil.client import ReleaseError, ReleaseRequest, exchange, release_keys
 from keyutil.simulator import SimulatedNSM
 from keyutil.transport import HttpResponse, HttpTransport
+
+# The flood generator of bench/bench_flood.py.
+sys.path.insert(0, str(Path(__file__).parents[1] / "bench"))
+from benchlib import Flood
 
 pytestmark = pytest.mark.slow
 
@@ -340,83 +345,6 @@ def test_workers_of_two_kms_append_to_one_audit_log_while_the_disk_fills(
 
 
 # -- Slow clients cannot lock others out ----------------------------------------------------
-
-
-class Flood:
-    """``connections`` sockets from ``source`` that trickle a request one byte at a time and
-    reconnect when cut; plus ``dribblers`` keep-alive connections that finish one request
-    and then send a byte every few seconds. One thread, non-blocking sockets, bounded."""
-
-    HEAD = b"POST /v1/release HTTP/1.1\r\nHost: kms\r\nContent-Length: 100\r\n\r\n" + b"x" * 99
-
-    def __init__(self, url: str, source: str, connections: int, dribblers: int) -> None:
-        host, port = url.removeprefix("http://").split(":")
-        self.address = (host, int(port))
-        self.source, self.connections, self.dribblers = source, connections, dribblers
-        self.open_peak = 0
-        self.reconnects = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run)
-
-    def _connect(self, source: str) -> socket.socket | None:
-        sock = socket.socket()
-        sock.setblocking(False)
-        sock.bind((source, 0))
-        try:
-            sock.connect(self.address)
-        except BlockingIOError:
-            pass
-        except OSError:
-            sock.close()
-            return None
-        return sock
-
-    def _run(self) -> None:
-        socks: dict[socket.socket, int] = {}  # socket: bytes of HEAD sent
-        dribble: dict[socket.socket, int] = {}
-        get = b"GET /v1/identity HTTP/1.1\r\nHost: kms\r\n\r\n"
-        while not self._stop.is_set():
-            budget = 200  # reconnects per round (a round is about 0.5 s): bounded
-            while len(socks) < self.connections and budget > 0:
-                s = self._connect(self.source)
-                budget -= 1
-                if s is None:
-                    break
-                socks[s] = 0
-                self.reconnects += 1
-            while len(dribble) < self.dribblers:
-                s = self._connect("127.0.0.3")
-                if s is None:
-                    break
-                dribble[s] = -1  # first a whole request, then a byte at a time
-            self.open_peak = max(self.open_peak, len(socks))
-            for s, sent in list(socks.items()) + list(dribble.items()):
-                book = socks if s in socks else dribble
-                try:
-                    if sent == -1:
-                        s.send(get)
-                        book[s] = 0
-                    else:
-                        s.send(self.HEAD[sent % len(self.HEAD) : sent % len(self.HEAD) + 1])
-                        book[s] = sent + 1
-                    if s.recv(65536) == b"":
-                        raise ConnectionResetError
-                except BlockingIOError:
-                    pass
-                except OSError:
-                    s.close()
-                    del book[s]
-            self._stop.wait(0.5)
-        for s in [*socks, *dribble]:
-            s.close()
-
-    def __enter__(self) -> Flood:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
 
 def timed_get_keys(setup: Setup, url: str, n: int) -> list[float]:
