@@ -5,6 +5,7 @@ slow-client flood. Released keys are compared, never printed.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import signal
@@ -377,7 +378,9 @@ def test_keepalive_connection_idle_between_requests_is_closed(setup: Setup) -> N
     host, port = kms.url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"GET /v1/identity HTTP/1.1\r\nHost: kms\r\n\r\n")
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        response = http.client.HTTPResponse(sock)  # reads exactly one response
+        response.begin()
+        assert response.status == 200 and response.read()
         since = time.monotonic()
         assert sock.recv(1) == b""  # closed by the server
         assert 0.9 < time.monotonic() - since < 4
@@ -443,3 +446,31 @@ def test_a_worker_that_dies_is_replaced_and_sigterm_stops_them_all(setup: Setup)
     for pid in now:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text()
     assert "exited (signal SIGKILL); starting another" in setup.kms_log.read_text()
+
+
+def test_redis_unreachable_at_start_fails_closed_and_never_shows_its_password(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from e2e_support import free_port
+
+    password = "s3cret-redis-pw"
+    monkeypatch.setenv("MOCK_KMS_REPLAY_STORE", f"redis://:{password}@127.0.0.1:{free_port()}/0")
+    kms = setup.kms("--workers", "1").start().wait_listening()
+    with pytest.raises(ReleaseError) as info:
+        exchange(
+            HttpTransport.from_url(kms.url),
+            SimulatedNSM.load(setup.sim),
+            ReleaseRequest.build(["disk"], identity=setup.identity),
+            time_left_s=20,
+            check_health=False,
+        )
+    assert info.value.code == "replay_store_unavailable"
+    with pytest.raises(urllib.error.HTTPError) as health:
+        urllib.request.urlopen(kms.url + "/v1/health", timeout=5)
+    assert health.value.code == 503
+    body = health.value.read()
+    assert b"replay_store_unavailable" in body
+    kms.stop()
+    for text in (info.value.message.encode(), body, setup.kms_log.read_bytes(),
+                 setup.audit.read_bytes()):
+        assert password.encode() not in text
