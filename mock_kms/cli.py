@@ -340,7 +340,7 @@ def identity(state_dir: Path) -> None:
 @click.option(
     "--workers",
     type=click.IntRange(1, 256),
-    default=lambda: __import__("mock_kms.workers").workers.usable_cpus(),
+    default=lambda: _usable_cpus(),
     show_default="usable CPUs",
     envvar="MOCK_KMS_WORKERS",
     help="Processes accepting on the one listening address, each with --threads threads.",
@@ -510,6 +510,12 @@ def _serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> None
         if settings.unix_socket:
             with contextlib.suppress(OSError):
                 os.unlink(settings.unix_socket)
+
+
+def _usable_cpus() -> int:
+    from mock_kms.workers import usable_cpus
+
+    return usable_cpus()
 
 
 def _interrupt(signum: int, frame: object) -> None:

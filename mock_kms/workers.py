@@ -31,6 +31,8 @@ logger = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
 # A worker that dies sooner than this after its start is restarted only after a pause.
 RESTART_PAUSE_S = 1.0
+# After SIGTERM, workers get this long to finish what they serve; then SIGKILL.
+STOP_GRACE_S = 10.0
 
 
 def usable_cpus() -> int:
@@ -58,7 +60,7 @@ def _start(index: int, serve_one: Callable[[int], None]) -> int:
     code = 1
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops it cleanly
         _die_with_parent(parent)
         serve_one(index)
         code = 0
@@ -73,13 +75,15 @@ def _start(index: int, serve_one: Callable[[int], None]) -> int:
 
 def run_workers(count: int, serve_one: Callable[[int], None]) -> None:
     """Fork ``count`` workers running ``serve_one(index)``; return once all have stopped after
-    SIGTERM or SIGINT. A worker that exits otherwise is replaced."""
-    stopping = False
+    SIGTERM or SIGINT (those still running ``STOP_GRACE_S`` later are killed). A worker that
+    exits otherwise is replaced."""
+    stop_by: float | None = None  # set by the first SIGTERM/SIGINT
     workers: dict[int, tuple[int, float]] = {}  # pid: (index, started)
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stopping
-        stopping = True
+        nonlocal stop_by
+        if stop_by is None:
+            stop_by = time.monotonic() + STOP_GRACE_S
         for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -89,14 +93,20 @@ def run_workers(count: int, serve_one: Callable[[int], None]) -> None:
         for index in range(count):
             workers[_start(index, serve_one)] = (index, time.monotonic())
         while workers:
-            try:
-                pid, status = os.wait()
-            except ChildProcessError:  # pragma: no cover - none left
-                break
+            pid, status = _reap()
+            if pid == 0:  # none has exited
+                if stop_by is not None and time.monotonic() > stop_by:
+                    for late in list(workers):
+                        logger.error("worker pid %d did not stop; killing it", late)
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(late, signal.SIGKILL)
+                    stop_by = float("inf")
+                time.sleep(0.1)
+                continue
             if pid not in workers:
                 continue
             index, started = workers.pop(pid)
-            if stopping:
+            if stop_by is not None:
                 continue
             logger.error(
                 "worker %d (pid %d) exited (%s); starting another",
@@ -106,11 +116,20 @@ def run_workers(count: int, serve_one: Callable[[int], None]) -> None:
             )
             if time.monotonic() - started < RESTART_PAUSE_S:
                 time.sleep(RESTART_PAUSE_S)
-            if not stopping:
+            if stop_by is None:
                 workers[_start(index, serve_one)] = (index, time.monotonic())
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _reap() -> tuple[int, int]:
+    """(pid, status) of an exited child, or (0, 0). Polled (ten times a second), never
+    blocking, so that the stop grace is kept even if a worker ignores SIGTERM."""
+    try:
+        return os.waitpid(-1, os.WNOHANG)
+    except ChildProcessError:  # pragma: no cover - none left
+        return 0, 0
 
 
 def _describe(status: int) -> str:

@@ -474,3 +474,25 @@ def test_redis_unreachable_at_start_fails_closed_and_never_shows_its_password(
     for text in (info.value.message.encode(), body, setup.kms_log.read_bytes(),
                  setup.audit.read_bytes()):
         assert password.encode() not in text
+
+
+def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace(
+    setup: Setup, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mock_kms import workers
+
+    monkeypatch.setattr(workers, "STOP_GRACE_S", 0.5)
+    parent = os.getpid()
+
+    def stubborn(index: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        time.sleep(30)
+
+    def stop_soon() -> None:
+        time.sleep(1)
+        os.kill(parent, signal.SIGTERM)
+
+    threading.Thread(target=stop_soon).start()
+    started = time.monotonic()
+    workers.run_workers(2, stubborn)
+    assert time.monotonic() - started < 10
