@@ -49,6 +49,7 @@ logger = logging.getLogger(__name__)
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 
+RELEASE_PATH = "/v1/release"
 # How often each connection's request and keep-alive deadlines are looked at (seconds).
 DEADLINE_CHECK_INTERVAL = 0.25
 
@@ -205,7 +206,7 @@ class KmsApp:
             ("GET", "/v1/health"): self._health,
             ("GET", "/v1/identity"): self._identity,
             ("POST", "/v1/challenge"): self._challenge,
-            ("POST", "/v1/release"): self._release,
+            ("POST", RELEASE_PATH): self._release,
         }
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -395,6 +396,16 @@ def deadline_channel(settings: ServerSettings) -> type:
                 self._partial = self.request
                 self._partial_since = time.monotonic()
             return result
+
+        def service(self) -> None:
+            # A release ends an enclave's exchange: close the connection after answering it
+            # (with "Connection: close", as if the client had asked), so the next exchange
+            # connects anew and lands on whichever worker is free. Kept-alive connections
+            # otherwise stay with the worker that accepted them, however busy it is.
+            request = self.requests[0] if self.requests else None
+            if request is not None and not request.error and request.path == RELEASE_PATH:
+                request.headers["CONNECTION"] = "close"
+            super().service()
 
         def _expired(self, now: float) -> str | None:
             partial = self._partial

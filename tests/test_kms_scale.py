@@ -496,3 +496,21 @@ def test_a_worker_that_ignores_sigterm_is_killed_after_the_grace(
     started = time.monotonic()
     workers.run_workers(2, stubborn)
     assert time.monotonic() - started < 10
+
+
+def test_the_connection_is_closed_after_a_release_and_kept_after_other_requests(
+    setup: Setup,
+) -> None:
+    kms = setup.kms("--workers", "1").start().wait_listening()
+    host, port = kms.url.removeprefix("http://").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    conn.request("POST", "/v1/challenge", body=b"")
+    first = conn.getresponse()
+    first.read()
+    assert first.status == 200 and first.getheader("Connection") is None
+    assert conn.sock is not None  # kept alive
+    conn.request("POST", "/v1/release", body=b"{}", headers={"Content-Type": "application/json"})
+    second = conn.getresponse()
+    second.read()
+    assert second.status == 400 and second.getheader("Connection") == "close"
+    conn.close()
