@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -31,6 +30,7 @@ import cryptography
 from cryptography import x509
 from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.parser import text_string_to_metric_families
 
 VENV_BIN = Path(sys.executable).parent
 PYTHON = str(VENV_BIN / "python")
@@ -39,7 +39,6 @@ MOCK_KMS = str(VENV_BIN / "mock-kms")
 
 Op = Callable[[], object]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
 
 
 def environment() -> dict[str, Any]:
@@ -156,12 +155,13 @@ def cpu_seconds(pid: int, *, with_children: bool = False) -> float:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {"name{labels}": value} (comments skipped)."""
+    """Prometheus text exposition -> {'name{label="value",...}': value}, read by
+    prometheus_client's own parser; labels in the order the exposition gives them."""
     values = {}
-    for line in text.splitlines():
-        m = METRIC_LINE.match(line)
-        if m:
-            values[m.group(1)] = float(m.group(2))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={json.dumps(v)}" for k, v in sample.labels.items())
+            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return values
 
 

@@ -6,6 +6,10 @@
 //   node contracts/compile.js           write the artifacts
 //   node contracts/compile.js --check   recompile and compare byte for byte; exit 1 on a difference
 //   node contracts/compile.js --stdout  print the artifact of ImageAllowlist instead of writing
+//   node contracts/compile.js --stdout ProvenanceCheck   the same for another contract
+//
+// Each source file gives one artifact: the contract named like the file (interfaces declared
+// beside it, such as IKmsSignerRegistry in ProvenanceCheck.sol, get none).
 'use strict';
 
 const fs = require('fs');
@@ -14,7 +18,7 @@ const crypto = require('crypto');
 const solc = require('solc');
 
 const ROOT = path.resolve(__dirname, '..');
-const SOURCES = ['contracts/src/ImageAllowlist.sol'];
+const SOURCES = ['contracts/src/ImageAllowlist.sol', 'contracts/src/ProvenanceCheck.sol'];
 const OUTPUTS = ['contracts/artifacts', 'mock_kms/data'];
 const SETTINGS = {
   evmVersion: 'cancun',
@@ -49,6 +53,7 @@ function compile() {
   const artifacts = {};
   for (const rel of SOURCES) {
     for (const [name, c] of Object.entries(output.contracts[rel])) {
+      if (name !== path.basename(rel, '.sol')) continue;
       const artifact = {
         contractName: name,
         sourceName: rel,
@@ -67,8 +72,11 @@ function compile() {
 
 function main(argv) {
   const artifacts = compile();
-  if (argv.includes('--stdout')) {
-    process.stdout.write(artifacts['ImageAllowlist.json']);
+  const at = argv.indexOf('--stdout');
+  if (at >= 0) {
+    const name = argv[at + 1] || 'ImageAllowlist';
+    if (!artifacts[`${name}.json`]) throw new Error(`no contract named ${name}`);
+    process.stdout.write(artifacts[`${name}.json`]);
     return 0;
   }
   const check = argv.includes('--check');

@@ -756,6 +756,15 @@ TARGETS: dict[str, Callable[[Corpus, Mutator], Target]] = {
 }
 
 
+def _provenance_target(corpus: Corpus, mutator: Mutator) -> Target:
+    from fuzz.provenance_target import ProvenanceTarget  # it imports this module
+
+    return ProvenanceTarget(corpus, mutator)
+
+
+TARGETS["provenance"] = _provenance_target
+
+
 def make_target(name: str, corpus: Corpus | None = None) -> Target:
     corpus = corpus or Corpus.create()
     return TARGETS[name](corpus, Mutator(corpus))

@@ -28,6 +28,7 @@ from typing import Any, Literal
 
 import click
 
+from keyutil.cliutil import EXIT_INTERRUPTED, option_envvars, run, version_option
 from keyutil.nsm import NsmError, NsmKind, open_nsm
 
 EXIT_OK = 0
@@ -81,13 +82,15 @@ sim_dir_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@version_option("keyutil")
 def cli() -> None:
     """Attested key release inside an AWS Nitro Enclave.
 
     \b
     Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
     4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
-    7 output error, 8 network set-up error (net-up).
+    7 output error, 8 network set-up error (net-up), 130 interrupted (Ctrl-C).
+    Every option is also an environment variable: its name is shown in each --help.
     """
 
 
@@ -175,7 +178,8 @@ def sim_init(
             directory, pcr0=pcr0, pcr1=pcr1, pcr2=pcr2, debug=debug, module_id=module_id
         )
     except NsmError as e:
-        _fail(EXIT_USAGE if e.code == "sim_exists" else EXIT_NSM, f"{e.code}: {e.message}")
+        usage = e.code in ("sim_exists", "sim_invalid")  # an existing directory, a bad id
+        _fail(EXIT_USAGE if usage else EXIT_NSM, f"{e.code}: {e.message}")
         return
     except OSError as e:
         _fail(EXIT_OUTPUT, f"cannot create {directory}: {e.strerror}")
@@ -238,7 +242,8 @@ kms_option = click.option(
     "kms_url",
     required=True,
     envvar="KEYUTIL_KMS",
-    help="The KMS: http://HOST:PORT, https://HOST:PORT, unix:///PATH or vsock://CID:PORT.",
+    help="The KMS: http://HOST:PORT, https://HOST[:PORT] (443), unix:///PATH or "
+    "vsock://CID:PORT.",
 )
 kms_replicas_option = click.option(
     "--kms",
@@ -246,9 +251,9 @@ kms_replicas_option = click.option(
     required=True,
     multiple=True,
     envvar="KEYUTIL_KMS",
-    help="The KMS: http://HOST:PORT, https://HOST:PORT, unix:///PATH or vsock://CID:PORT. "
-    "Repeat it for replicas sharing one identity: tried in order, the next when one is "
-    "unreachable or unavailable (KEYUTIL_KMS: separated by spaces).",
+    help="The KMS: http://HOST:PORT, https://HOST[:PORT] (443), unix:///PATH or "
+    "vsock://CID:PORT. Repeat it for replicas sharing one identity: tried in order, the next "
+    "when one is unreachable or unavailable (KEYUTIL_KMS: separated by spaces).",
 )
 kms_ca_option = click.option(
     "--kms-ca",
@@ -281,19 +286,6 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
         ) from None
 
 
-def _identity_text(value: str | None) -> str | None:
-    """``ed25519:...`` as given, or read from ``@FILE``."""
-    if value is None or not value.startswith("@"):
-        return value
-    try:
-        return Path(value[1:]).read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or "not text"
-        raise click.BadParameter(
-            f"cannot read {value[1:]}: {reason}", param_hint="--kms-pubkey"
-        ) from None
-
-
 @cli.command("get-key")
 @kms_replicas_option
 @click.option(
@@ -323,6 +315,15 @@ def _identity_text(value: str | None) -> str | None:
     help="Key length in bytes: once for all keys, or once per --key in order.",
 )
 @click.option(
+    "--type",
+    "key_types",
+    multiple=True,
+    default=["raw"],
+    help="Key type: raw (bytes), age (an AGE-SECRET-KEY-1 identity file, as 'age -d -i' "
+    "reads it), ed25519 or secp256k1 (signing keys, see --key-format and --provenance-out); "
+    "once for all keys, or once per --key in order.",
+)
+@click.option(
     "--suite",
     type=click.Choice(SUITE_CHOICES),
     default="x25519",
@@ -347,6 +348,17 @@ def _identity_text(value: str | None) -> str | None:
     is_flag=True,
     help="Allow --out/--out-dir on a file system other than tmpfs or ramfs.",
 )
+@click.option(
+    "--key-format",
+    help="File format of typed keys: ed25519 'pem' (PKCS#8, default) or 'raw' (32 bytes); "
+    "secp256k1 is always 'hex' (0x + 64 hex digits, as cast and web3 read it), age 'age'.",
+)
+@click.option(
+    "--provenance-out",
+    type=click.Path(dir_okay=False),
+    help="Write the KMS's provenance statement of the (one) typed key to FILE: public, "
+    "check it with 'keyutil verify-provenance'.",
+)
 @deadline_option(60.0)
 @nsm_option
 @sim_dir_option
@@ -359,12 +371,15 @@ def get_key(
     kms_ca: str | None,
     key_names: tuple[str, ...],
     lengths: tuple[int, ...],
+    key_types: tuple[str, ...],
     suite: str,
     out: str | None,
     out_dir: str | None,
     to_stdout: bool,
     fmt: Literal["raw", "hex", "base64"],
     allow_persistent: bool,
+    key_format: str | None,
+    provenance_out: str | None,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
@@ -388,6 +403,7 @@ def get_key(
     started = time.monotonic()
     log = EventLog(log_format, verbose)
 
+    from keyutil.api import pinned_identity
     from keyutil.client import (
         AnswerRejected,
         KmsDenied,
@@ -400,25 +416,29 @@ def get_key(
 
     if sum((out is not None, out_dir is not None, to_stdout)) != 1:
         raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
+    if out is not None and len(key_names) > 1:
+        raise click.UsageError("--out writes one key; for several, give --out-dir DIR")
     if fmt != "raw" and not to_stdout:
         raise click.UsageError("--format applies to --stdout only")
-    identity = _identity_text(kms_pubkey)
-    if identity is None and not insecure_skip_kms_auth:
-        raise click.UsageError(
-            "--kms-pubkey (or KEYUTIL_KMS_PUBKEY) is required: without it a host could feed "
-            "this enclave a key of its choosing (--insecure-skip-kms-auth to skip, unsafely)"
-        )
-    if identity is not None and insecure_skip_kms_auth:
-        raise click.UsageError("give --kms-pubkey or --insecure-skip-kms-auth, not both")
+    try:  # the same checks as the Python API, keyutil.get_key
+        identity = pinned_identity(kms_pubkey, insecure_skip_kms_auth)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     try:
         request = ReleaseRequest.build(
             key_names,
             lengths=lengths,
+            types=key_types,
             suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
             identity=identity,
         )
     except ProtocolError as e:
         raise click.UsageError(e.message) from None
+    if fmt != "raw" and any(k.type != "raw" for k in request.keys):
+        raise click.UsageError("--format hex/base64 applies to raw keys only")
+    if out_dir is not None and len({k.name for k in request.keys}) != len(request.keys):
+        raise click.UsageError("--out-dir writes DIR/NAME: one type per key name")
+    _check_typed_options(request.keys, key_format, provenance_out)
     transports = [_transport(url, kms_ca) for url in kms_urls]
     sink: Sink
     if out is not None:
@@ -452,12 +472,18 @@ def get_key(
     except AnswerRejected as e:
         log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code=e.code, message=e.message)
         return
+    if provenance_out is not None:
+        _write_statement(log, release, provenance_out)
+    # Typed keys are written as their type's file (an age identity), raw keys as bytes.
+    files = tuple(k if k.type == "raw" else k.private_file(key_format) for k in release.keys)
     try:
-        sink.write(release.keys)
+        sink.write(files)
     except OutputError as e:
         log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
     finally:
         release.wipe()
+        for k in files:
+            k.wipe()
     log(
         "info",
         "written",
@@ -575,8 +601,9 @@ def proxy(
     bytes_to_dest, bytes_to_client, duration_s and end: client_closed, dest_closed,
     idle_timeout, over_limit, destination_unreachable, refused, shutdown or error.
     \b
-    Exit codes: 0 stopped by SIGTERM/SIGINT, 2 usage or configuration (refused
-    destination, bad allowlist), 3 cannot listen (address in use, no vsock here).
+    Exit codes: 0 stopped by SIGTERM, 2 usage or configuration (refused
+    destination, bad allowlist), 3 cannot listen (address in use, no vsock here),
+    130 stopped by SIGINT (Ctrl-C), after the same clean shutdown.
     """
     from keyutil import proxy as p
 
@@ -616,9 +643,17 @@ def proxy(
         return
     import signal
 
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        server.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.stop())
+        signal.signal(signum, stop)
     server.serve()
+    if stopped_by[:1] == [signal.SIGINT]:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 @cli.command("net-up")
@@ -647,14 +682,127 @@ def net_up(log_format: str) -> None:
     log("info", "net_up", report.to_json())
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point; ``argv`` lets tests call the CLI in-process."""
-    cli.main(
-        args=list(argv) if argv is not None else None,
-        prog_name="keyutil",
-        auto_envvar_prefix="KEYUTIL",
-    )
+# -- typed keys' provenance (issue 12) --------------------------------------------------------
+
+
+def _check_typed_options(keys: Sequence[Any], key_format: str | None,
+                         provenance_out: str | None) -> None:
+    from keyutil import keytypes
+
+    typed = [k for k in keys if k.type != keytypes.DEFAULT_TYPE]
+    if key_format is not None:
+        for k in typed or keys:
+            if key_format not in keytypes.get(k.type).formats:
+                raise click.UsageError(
+                    f"--key-format {key_format}: a {k.type} key is written as "
+                    f"{' or '.join(keytypes.get(k.type).formats)}"
+                )
+    if provenance_out is not None and len(typed) != 1:
+        raise click.UsageError(
+            f"--provenance-out takes the statement of one typed key; {len(typed)} asked"
+        )
+
+
+def _write_statement(log: Any, release: Any, path: str) -> None:
+    """The statement is public: a plain file (mode 0644), written atomically."""
+    statement = next((s for s in release.statements if s is not None), None)
+    if statement is None:
+        release.wipe()
+        log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code="answer_provenance_missing",
+                 message="the KMS sent no provenance statement for the typed key")
+        return
+    target = Path(path)
+    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(statement.to_bytes())
+        os.replace(tmp, target)
+    except OSError as e:
+        release.wipe()
+        log.fail(EXIT_OUTPUT, "output_error", code="provenance_write",
+                 message=f"cannot write {path}: {e.strerror}")
+
+
+@cli.command("verify-provenance")
+@click.argument("statement_file", metavar="STATEMENT_FILE",
+                type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--kms-pubkey", required=True,
+              help="The KMS identity to trust, ed25519:BASE64 or @FILE (as get-key takes it).")
+@click.option("--application", help="Also require this application (a name or 0x + 64 hex).")
+@click.option("--name", "key_name", help="Also require this key name.")
+@click.option("--type", "key_type", help="Also require this key type.")
+@click.option("--public-key", help="Also require this public key (as the statement writes it).")
+@click.option("--chain-id", type=int, help="Also require this chain id.")
+@click.option("--contract", help="Also require this allowlist contract address.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def verify_provenance(statement_file: str, kms_pubkey: str, application: str | None,
+                      key_name: str | None, key_type: str | None, public_key: str | None,
+                      chain_id: int | None, contract: str | None, as_json: bool) -> None:
+    """Check a provenance statement offline: signed by the KMS identity --kms-pubkey and, for
+    secp256k1, by the signer it names (EIP-712; needs eth-account, the [provenance] extra),
+    with the address that of its public key. Prints what it proves.
+
+    \b
+    Whether the signer is the one registered on chain now is the contract's to say
+    (ProvenanceCheck.belongsTo); this command needs no network.
+    \b
+    Exit codes: 0 valid, 2 usage (unreadable file, bad option, eth-account missing),
+    6 the statement is malformed or does not verify ({"error": CODE, ...} with --json).
+    """
+    from keyutil import protocol, provenance
+    from keyutil.api import pinned_identity
+
+    try:
+        identity_text = pinned_identity(kms_pubkey, insecure_skip_kms_auth=False)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--kms-pubkey") from None
+    assert identity_text is not None
+    try:
+        identity = protocol.parse_identity(identity_text)
+    except protocol.ProtocolError as e:
+        raise click.BadParameter(e.message, param_hint="--kms-pubkey") from None
+    app = None
+    if application is not None:
+        raw = application.encode()
+        app = (bytes.fromhex(application[2:]) if application.startswith("0x")
+               and len(application) == 66 else raw.ljust(32, b"\0"))
+        if len(app) != 32:
+            raise click.BadParameter("expected a name of at most 32 characters or 0x + 64 hex",
+                                     param_hint="--application")
+    try:
+        with click.open_file(statement_file, "rb") as fh:
+            data = fh.read(provenance.MAX_STATEMENT_SIZE + 1)
+    except OSError as e:
+        raise click.BadParameter(f"cannot read it: {e.strerror}",
+                                 param_hint="STATEMENT_FILE") from None
+    try:
+        verified = provenance.verify_statement(
+            data, identity, application=app, name=key_name, key_type=key_type,
+            public_key=public_key, chain_id=chain_id, contract=contract)
+    except provenance.ProvenanceError as e:
+        if as_json:
+            click.echo(json.dumps({"error": e.code, "message": e.message}))
+        _fail(EXIT_USAGE if e.code == "dependency_missing" else EXIT_UNAUTHENTICATED,
+              f"{e.code}: {e.message}")
+        return
+    result = verified.to_json()
+    if as_json:
+        click.echo(json.dumps({"valid": True, **result}, sort_keys=True))
+        return
+    click.echo(f"valid: {result['type']} key {result['name']!r} of application "
+               f"{result['application']}")
+    for field in ("public_key", "address", "kms_identity", "signer", "chain_id", "contract"):
+        if field in result:
+            click.echo(f"{field:<13} {result[field]}")
+
+
+# Every option's variable, set on the option so that --help shows it (also under CliRunner).
+ENVVARS = option_envvars(cli, "KEYUTIL")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code. ``argv`` lets tests call the CLI in-process."""
+    return run(cli, argv, prog_name="keyutil", prefix="KEYUTIL")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

@@ -34,7 +34,7 @@ from typing import Any, TypeVar
 
 from cryptography.hazmat.primitives.asymmetric import ed25519
 
-from keyutil import protocol
+from keyutil import keytypes, protocol
 from keyutil.nsm import NSM, NSM_FIELD_MAX
 from keyutil.protocol import KeyRequest, ProtocolError
 from keyutil.transport import HttpResponse, Transport, TransportError
@@ -44,6 +44,8 @@ DEFAULT_KEY_LENGTH = 32
 HEX_32 = re.compile(r"\A0x[0-9a-fA-F]{64}\Z")
 MAX_SEALED_B64 = 4096  # HPKE enc (at most 97 bytes) + a 64-byte key + tag, in base64
 MAX_MESSAGE = 300
+# Unavailable, yet no retry can help: the peer does not speak TLS or fails its checks.
+NOT_RETRIED = frozenset({"tls_failed"})
 
 Log = Callable[[str, str, Mapping[str, Any]], None]
 """``log(level, event, fields)``; level is debug, info, warning or error."""
@@ -118,22 +120,35 @@ class ReleaseRequest:
         names: Iterable[str],
         *,
         lengths: Sequence[int] = (DEFAULT_KEY_LENGTH,),
+        types: Sequence[str] = (keytypes.DEFAULT_TYPE,),
         suite: str = protocol.SUITE_X25519,
         identity: str | None,
     ) -> ReleaseRequest:
-        """From names, one length for all or one per name, and ``ed25519:...`` (or None)."""
+        """From names, one length and one type for all or one per name, and
+        ``ed25519:...`` (or None)."""
         names = list(names)
-        if len(lengths) == 1:
-            lengths = list(lengths) * len(names)
-        if len(lengths) != len(names):
-            raise ProtocolError(
-                "bad_request",
-                f"expected one key length for all keys or one per key; "
-                f"found {len(lengths)} lengths for {len(names)} keys",
-            )
-        keys = tuple(KeyRequest(n, ln) for n, ln in zip(names, lengths, strict=True))
+        lengths = _one_or_each(lengths, len(names), "key length")
+        types = _one_or_each(types, len(names), "key type")
+        keys = tuple(
+            KeyRequest(n, ln, t) for n, ln, t in zip(names, lengths, types, strict=True)
+        )
         pinned = protocol.parse_identity(identity) if identity is not None else None
         return cls(keys=keys, suite=suite, identity=pinned)
+
+
+_Item = TypeVar("_Item")
+
+
+def _one_or_each(values: Sequence[_Item], count: int, what: str) -> list[_Item]:
+    if len(values) == 1:
+        return list(values) * count
+    if len(values) != count:
+        raise ProtocolError(
+            "bad_request",
+            f"expected one {what} for all keys or one per key; "
+            f"found {len(values)} for {count} keys",
+        )
+    return list(values)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +163,14 @@ class ReleasedKey:
 
     name: str
     value: bytearray = dataclasses.field(repr=False)
+    type: str = keytypes.DEFAULT_TYPE
+
+    def private_file(self, fmt: str | None = None) -> ReleasedKey:
+        """The key as its type writes it (``AGE-SECRET-KEY-1...`` for age), in ``fmt`` or the
+        type's default format; a new ReleasedKey, to be wiped as well."""
+        kind = keytypes.get(self.type)
+        data = kind.private_file(bytes(self.value), fmt or kind.formats[0])
+        return ReleasedKey(self.name, bytearray(data), self.type)
 
     def wipe(self) -> None:
         self.value[:] = bytes(len(self.value))
@@ -161,6 +184,8 @@ class Release:
     application: str
     os_image_hash: str
     attempts: int
+    # One per key: the KMS's provenance statement of a typed key (checked), else None.
+    statements: tuple[Any, ...] = ()
 
     def wipe(self) -> None:
         for key in self.keys:
@@ -279,10 +304,12 @@ def check_answer(
             or given.get("name") != asked.name
             or type(given.get("length")) is not int
             or given.get("length") != asked.length
+            or given.get("type", keytypes.DEFAULT_TYPE) != asked.type
         ):
             raise _reject(
                 "answer_keys_mismatch",
-                f"expected key {asked.name!r} of {asked.length} bytes at this position",
+                f"expected key {asked.name!r} of type {asked.type}, {asked.length} bytes, "
+                "at this position",
             )
         try:
             sealed.append(protocol.b64d(given.get("sealed"), "sealed", max_len=MAX_SEALED_B64))
@@ -312,12 +339,48 @@ def open_keys(
                 raise _reject(
                     "answer_keys_mismatch", f"key {key.name!r} opened to the wrong length"
                 )
-            opened.append(ReleasedKey(key.name, value))
+            opened.append(ReleasedKey(key.name, value, key.type))
     except AnswerRejected:
         for done in opened:
             done.wipe()
         raise
     return tuple(opened)
+
+
+def check_statements(
+    request: ReleaseRequest, keys: Sequence[ReleasedKey], answer: Mapping[str, Any]
+) -> tuple[Any, ...]:
+    """The provenance statement of each typed key (None where the answer has none), each
+    checked against what the enclave knows: signed by the pinned KMS identity (when one is
+    pinned), for the answer's application, this key's name and type, and the public half of
+    the key just opened. (The secp256k1 signer's EIP-712 signature is for contracts and
+    ``verify-provenance``: checking it needs keccak, which the enclave does not carry.)"""
+    from keyutil import provenance
+
+    out: list[provenance.ProvenanceStatement | None] = []
+    for key, given in zip(keys, answer["keys"], strict=True):
+        raw = given.get("provenance") if isinstance(given, dict) else None
+        if raw is None or key.type == keytypes.DEFAULT_TYPE:
+            out.append(None)
+            continue
+        try:
+            statement = provenance.parse_statement(raw)
+            if request.identity is not None:
+                provenance.check_identity(statement, request.identity)
+        except ProtocolError as e:
+            raise _reject("answer_provenance_invalid", f"key {key.name!r}: {e.message}") from None
+        public = keytypes.get(key.type).public(bytes(key.value))
+        if (
+            "0x" + statement.application.hex() != answer["application"]
+            or (statement.name, statement.key_type) != (key.name, key.type)
+            or statement.public_key != public
+        ):
+            raise _reject(
+                "answer_provenance_invalid",
+                f"key {key.name!r}: the statement is not about this application and key",
+            )
+        out.append(statement)
+    return tuple(out)
 
 
 def backoff_delay(attempt: int, policy: RetryPolicy, rand: Callable[[], float]) -> float:
@@ -374,18 +437,26 @@ def _retrying(
         try:
             return attempt(n)
         except KmsUnavailable as e:
+            if e.code in NOT_RETRIED:
+                raise
             last = e
         left = deadline.left()
         if left < policy.min_attempt_time:
             raise KmsUnavailable(
                 last.code,
-                f"KMS unavailable for {deadline_s:g} s ({n} attempts); last: {last.message}",
+                f"KMS unavailable for {max(0.0, deadline_s):.3g} s ({n} attempts); "
+                f"last: {last.message}",
             ) from None
         delay = min(backoff_delay(n, policy, rand), left - policy.min_attempt_time)
         log(
             "warning",
             "kms_unavailable",
-            {"code": last.code, "message": last.message, "attempt": n, "retry_in_s": delay},
+            {
+                "code": last.code,
+                "message": last.message,
+                "attempt": n,
+                "retry_in_s": round(delay, 2),
+            },
         )
         sleep(delay)
 
@@ -459,11 +530,18 @@ def exchange(
     )
     sealed = check_answer(answer, request=request, nonce=challenge.nonce, binding=binding)
     keys = open_keys(request, recipient, challenge.nonce, sealed)
+    try:
+        statements = check_statements(request, keys, answer)
+    except AnswerRejected:
+        for key in keys:
+            key.wipe()
+        raise
     return Release(
         keys=keys,
         application=str(answer["application"]),
         os_image_hash=str(answer["os_image_hash"]),
         attempts=attempt,
+        statements=statements,
     )
 
 
@@ -517,7 +595,11 @@ def release_keys(
             log(
                 "debug",
                 "attempt",
-                {"attempt": n, "replica": index, "time_left_s": round(deadline.left(), 3)},
+                {
+                    "attempt": n,
+                    "replica": index,
+                    "time_left_s": round(max(0.0, deadline.left()), 2),
+                },
             )
             try:
                 return exchange(
@@ -548,7 +630,7 @@ def release_keys(
         "released",
         {
             "keys": [k.name for k in release.keys],
-            "application": release.application,
+            "application": protocol.application_text(release.application),
             "os_image_hash": release.os_image_hash,
             "attempts": release.attempts,
         },

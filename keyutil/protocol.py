@@ -31,6 +31,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hpke, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, x25519
 
+from keyutil import keytypes
+
 PROTOCOL_VERSION = 1
 SUITE_X25519 = "x25519-hkdf-sha256-aes-256-gcm"
 SUITE_P384 = "p384-hkdf-sha384-aes-256-gcm"
@@ -58,10 +60,13 @@ class ProtocolError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class KeyRequest:
-    """One key asked for: its name (the derivation context) and its length in bytes."""
+    """One key asked for: its name (the derivation context), its length in bytes and its
+    type (:mod:`keyutil.keytypes`; ``raw`` by default). A typed key's length is its type's
+    seed length (32)."""
 
     name: str
     length: int
+    type: str = keytypes.DEFAULT_TYPE
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str):
@@ -81,9 +86,23 @@ class KeyRequest:
                 f"key length: expected {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} bytes; "
                 f"found {self.length!r}",
             )
+        try:
+            kind = keytypes.get(self.type)
+        except keytypes.UnknownKeyType as e:
+            raise ProtocolError("bad_request", str(e)) from None
+        if kind.seed_length is not None and self.length != kind.seed_length:
+            raise ProtocolError(
+                "bad_request",
+                f"key length: a key of type {kind.name} is {kind.seed_length} bytes; "
+                f"found {self.length}",
+            )
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "length": self.length}
+        """The key object on the wire; ``type`` is absent for raw, so that a raw request
+        (and its binding) is byte for byte what it was before key types."""
+        if self.type == keytypes.DEFAULT_TYPE:
+            return {"name": self.name, "length": self.length}
+        return {"name": self.name, "length": self.length, "type": self.type}
 
 
 def check_key_list(keys: Sequence[KeyRequest]) -> tuple[KeyRequest, ...]:
@@ -91,9 +110,9 @@ def check_key_list(keys: Sequence[KeyRequest]) -> tuple[KeyRequest, ...]:
         raise ProtocolError(
             "bad_request", f"keys: expected 1 to {MAX_KEYS} keys; found {len(keys)}"
         )
-    names = [k.name for k in keys]
-    if len(set(names)) != len(names):
-        raise ProtocolError("bad_request", "keys: expected distinct key names")
+    pairs = [(k.name, k.type) for k in keys]
+    if len(set(pairs)) != len(pairs):
+        raise ProtocolError("bad_request", "keys: expected distinct (name, type) pairs")
     return tuple(keys)
 
 
@@ -131,7 +150,7 @@ def seal_info(key: KeyRequest, nonce: bytes) -> bytes:
     return (
         SEAL_CONTEXT
         + b"\x00"
-        + canonical_json({"name": key.name, "length": key.length, "nonce": nonce.hex()})
+        + canonical_json({**key.to_json(), "nonce": nonce.hex()})
     )
 
 
@@ -249,3 +268,17 @@ def verify_answer(identity: ed25519.Ed25519PublicKey, answer: Mapping[str, Any])
             "the KMS answer is not signed by the pinned KMS identity",
         ) from None
     return body
+
+
+def application_text(application: str) -> str:
+    """An application id (0x + 64 hex digits, as answers carry it) for people to read: its
+    name when it is a name padded with zero bytes (``demo-app``), else as given."""
+    try:
+        raw = bytes.fromhex(application.removeprefix("0x"))
+    except ValueError:
+        return application
+    name = raw.rstrip(b"\0")
+    printable = len(raw) == 32 and name and all(0x20 <= b <= 0x7E for b in name)
+    if printable and not name.startswith((b"0x", b"0X")):
+        return name.decode("ascii")
+    return application

@@ -36,7 +36,7 @@ from typing import Any
 
 import cbor2
 
-from keyutil.measurements import is_debug_measurement, os_image_hash
+from keyutil.measurements import hash_pcrs, is_debug_measurement
 from mock_kms.config import LIMITS, Limits
 from mock_kms.errors import AttestationError, ErrorCode
 
@@ -90,7 +90,7 @@ class AttestationDocument:
     @property
     def os_image_hash(self) -> str:
         """sha256(PCR0 || PCR1 || PCR2) over the raw PCR bytes, 0x-prefixed hex."""
-        return os_image_hash(self.pcrs[0], self.pcrs[1], self.pcrs[2])
+        return hash_pcrs(self.pcrs[0], self.pcrs[1], self.pcrs[2])
 
     @property
     def is_debug(self) -> bool:

@@ -4,7 +4,8 @@
           --at 2022-10-13T08:58:03Z --json
 
 Results go to stdout, logs and human errors to stderr. Exit codes are stable:
-0 valid, 1 invalid (the error code says why), 2 usage error.
+0 valid (serve: stopped by SIGTERM), 1 invalid (the error code says why; serve: cannot
+start), 2 usage error, 3 serve cannot listen, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import base64
 import binascii
 import contextlib
 import datetime
+import errno
 import json
 import logging
 import os
@@ -25,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from keyutil.cliutil import EXIT_INTERRUPTED, option_envvars, run, version_option
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError
 
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+EXIT_LISTEN = 3
 
 _HEX_TEXT = re.compile(rb"\A(?:0x)?[0-9a-fA-F\s]+\Z")
 _B64_TEXT = re.compile(rb"\A[A-Za-z0-9+/=_\-\s]+\Z")
@@ -74,11 +78,16 @@ def decode_document_input(data: bytes) -> bytes:
 def parse_time(value: str) -> datetime.datetime:
     """Epoch seconds, epoch milliseconds (13 digits or more) or ISO 8601, as aware UTC."""
     text = value.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(r"\d+(\.\d+)?([eE][+-]?\d+)?", text):
         number = float(text)
-        if "." not in text and len(text) >= 13:
+        if text.isdigit() and len(text) >= 13:
             number /= 1000
-        return datetime.datetime.fromtimestamp(number, datetime.UTC)
+        try:
+            return datetime.datetime.fromtimestamp(number, datetime.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise click.BadParameter(
+                f"expected a time between the years 1970 and 9999; found {value[:40]!r}"
+            ) from None
     try:
         parsed = datetime.datetime.fromisoformat(text)
     except ValueError:
@@ -96,15 +105,38 @@ def _time_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return parse_time(str(value))
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the field names of keyutil's logs (``ts``, ``level``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        return json.dumps(entry)
+
+
+def _setup_logging(verbose: int, fmt: str = "text", base: int = logging.WARNING) -> None:
+    level = max(logging.DEBUG, base - 10 * verbose)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if fmt == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="More logs on stderr (-v info, -vv debug).")
+@version_option("mock-kms")
 def cli(verbose: int) -> None:
-    """The attestation-verifying KMS for AWS Nitro Enclaves (development and CI)."""
+    """The attestation-verifying KMS for AWS Nitro Enclaves (development and CI).
+
+    \b
+    Exit codes: 0 valid (serve: stopped by SIGTERM), 1 invalid (serve: cannot start),
+    2 usage error, 3 serve cannot listen, 130 interrupted (Ctrl-C).
+    Every option is also an environment variable: its name is shown in each --help.
+    """
     _setup_logging(verbose)
 
 
@@ -373,6 +405,15 @@ def identity(state_dir: Path) -> None:
     envvar="MOCK_KMS_MAX_CONNECTIONS_PER_PEER",
     help="Connections one TCP peer address may hold, per worker (the rest are closed).",
 )
+@click.option(
+    "-v", "--verbose", count=True, help="Debug logs too (start, stop and releases are INFO)."
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Logs on stderr as text lines or JSON lines (fields ts, level, logger, message).",
+)
 def serve(
     host: str,
     port: int,
@@ -399,6 +440,8 @@ def serve(
     header_timeout: float,
     keepalive_timeout: float,
     max_connections_per_peer: int,
+    verbose: int,
+    log_format: str,
 ) -> None:
     """Serve attested key release over HTTP (loopback by default).
 
@@ -414,15 +457,78 @@ def serve(
       mock-kms serve --trust-root /tmp/sim/root.pem \\
           --allow-image "$(jq -r .os_image_hash /tmp/sim/enclave.json)=my-app"
     """
+    from mock_kms.server import ServerSettings
+
+    group_verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    _setup_logging(group_verbose + verbose, log_format, base=logging.INFO)
+    logger = logging.getLogger("mock_kms")
+    images = _allow_images(allow_images)
+    _check_chain_options(rpc_url, contract, chain_id, images)
+    if no_aws_root and not trust_roots:
+        raise click.UsageError("--no-aws-root needs at least one --trust-root")
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        unix_socket=unix_socket,
+        threads=threads,
+        channel_timeout=idle_timeout,
+        request_timeout=request_timeout,
+        header_timeout=header_timeout,
+        keepalive_timeout=keepalive_timeout,
+        max_connections_per_peer=max_connections_per_peer,
+    )
+    # Bind first: a port in use or a missing directory is told at once, not after the
+    # seconds the chain takes to start. Nothing is served before the workers start.
+    sock = _bind(settings)
+    try:
+        service = _start_service(
+            state_dir, images, rpc_url, contract, chain_id, confirmations, revocation_delay,
+            rpc_timeout, trust_roots, no_aws_root, max_age, allow_debug, audit_log,
+            nonce_lifetime, replay_store,
+        )
+    except BaseException:  # a one-line exit (SystemExit) or Ctrl-C while the chain starts
+        _close_listener(sock, settings)
+        raise
+    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{sock.getsockname()[1]}"
+    logger.info(
+        "mock-kms serving on %s with %d worker(s), replay store %s, identity %s",
+        where, workers, service.nonces.store.description, service.state.identity_text,
+    )
+    if allow_debug:
+        logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
+    stopped_by = _serve_workers(service, settings, sock, workers)
+    logger.info("mock-kms stopping")
+    if stopped_by == signal.SIGINT:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _start_service(
+    state_dir: Path,
+    images: Sequence[tuple[bytes, bytes]],
+    rpc_url: str | None,
+    contract: str | None,
+    chain_id: int | None,
+    confirmations: int,
+    revocation_delay: float,
+    rpc_timeout: float,
+    trust_roots: Sequence[Path],
+    no_aws_root: bool,
+    max_age: float,
+    allow_debug: bool,
+    audit_log: Path | None,
+    nonce_lifetime: float,
+    replay_store: str | None,
+) -> Any:
+    """The release service, or one line and exit 1 (state, chain, roots, audit log, signer,
+    replay store)."""
     from mock_kms.replay import open_replay_store
-    from mock_kms.server import ServerSettings, listen
     from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
     from mock_kms.state import KmsState
 
     try:
         state = KmsState.load_or_create(state_dir)
         allowlist = _make_allowlist(
-            rpc_url, contract, chain_id, confirmations, revocation_delay, rpc_timeout, allow_images
+            rpc_url, contract, chain_id, confirmations, revocation_delay, rpc_timeout, images
         )
         verifier = _make_verifier(trust_roots, "--trust-root", no_aws_root, max_age, allow_debug)
         audit = AuditLog(audit_log)
@@ -435,51 +541,41 @@ def serve(
     except KmsError as e:
         click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
         sys.exit(EXIT_INVALID)
-    service = ReleaseService(
+    try:
+        issuer = _make_issuer(state_dir, state, allowlist, rpc_url, contract, chain_id,
+                              rpc_timeout, revocation_delay)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot use the signer keys in {state_dir}: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    except KmsError as e:
+        click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
+        sys.exit(EXIT_INVALID)
+    return ReleaseService(
         verifier=verifier,
         allowlist=allowlist,
         state=state,
         settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
         audit=audit,
         replay_store=store,
+        provenance=issuer,
     )
-    settings = ServerSettings(
-        host=host,
-        port=port,
-        unix_socket=unix_socket,
-        threads=threads,
-        channel_timeout=idle_timeout,
-        request_timeout=request_timeout,
-        header_timeout=header_timeout,
-        keepalive_timeout=keepalive_timeout,
-        max_connections_per_peer=max_connections_per_peer,
-    )
-    try:
-        sock = listen(settings)
-    except OSError as e:
-        click.echo(f"mock-kms: cannot listen: {e.strerror}", err=True)
-        sys.exit(EXIT_INVALID)
-    name = sock.getsockname()
-    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{name[1]}"
-    logger = logging.getLogger("mock_kms")
-    logger.warning(
-        "mock-kms serving on %s with %d worker(s), replay store %s, identity %s",
-        where, workers, store.description, state.identity_text,
-    )
-    if allow_debug:
-        logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
-    _serve_workers(service, settings, sock, workers)
-    logger.warning("mock-kms stopping")
 
 
-def _serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> None:
-    """Serve on ``sock``: in this process, or in ``workers`` forked ones with metrics summed
-    across them (prometheus_client's multiprocess files in a private directory)."""
+def _serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> int | None:
+    """Serve on ``sock`` until SIGTERM or SIGINT (returned): in this process, or in
+    ``workers`` forked ones with metrics summed across them (prometheus_client's
+    multiprocess files in a private directory)."""
     import shutil
     import tempfile
 
     from mock_kms.server import KmsApp, create_server
     from mock_kms.workers import run_workers
+
+    stopped_by: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
 
     def serve_one(index: int, metrics_dir: str | None = None) -> None:
         service.nonces.store.close()  # a forked worker opens its own connections
@@ -487,8 +583,9 @@ def _serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> None
             KmsApp(service, max_body=settings.max_body, metrics_dir=metrics_dir), settings, sock
         )
         # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
-        # handler would pull them from under the select() that run() is blocked in.
-        signal.signal(signal.SIGTERM, _interrupt)
+        # handler would pull them from under the poll() that run() is blocked in.
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
         try:
             server.run()  # returns (waitress swallows the interrupt) or raises it
         except KeyboardInterrupt:
@@ -499,17 +596,21 @@ def _serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> None
     try:
         if workers == 1:
             serve_one(0)
-            return
+            return stopped_by[0] if stopped_by else None
         metrics_dir = tempfile.mkdtemp(prefix="mock-kms-metrics-")
         try:
-            run_workers(workers, lambda index: serve_one(index, metrics_dir))
+            return run_workers(workers, lambda index: serve_one(index, metrics_dir))
         finally:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     finally:
-        sock.close()
-        if settings.unix_socket:
-            with contextlib.suppress(OSError):
-                os.unlink(settings.unix_socket)
+        _close_listener(sock, settings)
+
+
+def _close_listener(sock: Any, settings: Any) -> None:
+    sock.close()
+    if settings.unix_socket:
+        with contextlib.suppress(OSError):
+            os.unlink(settings.unix_socket)
 
 
 def _usable_cpus() -> int:
@@ -518,8 +619,73 @@ def _usable_cpus() -> int:
     return usable_cpus()
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _bind(settings: Any) -> Any:
+    """The listening socket for ``settings``' address, or exit 2 (bad address) or 3."""
+    import socket
+
+    from mock_kms.server import listen
+
+    where = settings.unix_socket or f"{settings.host}:{settings.port}"
+    try:
+        return listen(settings)
+    except (ValueError, socket.gaierror):  # not an address this machine can listen on
+        raise click.BadParameter(
+            f"cannot listen on {settings.host!r}: expected an IP address or a host name "
+            "of this machine (127.0.0.1, ::1, 0.0.0.0)",
+            param_hint="--host",
+        ) from None
+    except OSError as e:
+        hint = {
+            errno.EADDRINUSE: "another process listens there: stop it or choose another "
+            + ("--unix-socket" if settings.unix_socket else "--port"),
+            errno.ENOENT: "its directory does not exist: create it first",
+            errno.EACCES: "permission denied: choose a path or port this user may use",
+            errno.EADDRNOTAVAIL: "no interface of this machine has that address",
+        }.get(e.errno or 0, "check the address")
+        click.echo(f"mock-kms: cannot listen on {where}: {e.strerror}; {hint}", err=True)
+        sys.exit(EXIT_LISTEN)
+
+
+def _allow_images(texts: Sequence[str]) -> list[tuple[bytes, bytes]]:
+    from mock_kms.allowlist import parse_allow_image
+
+    try:
+        return [parse_allow_image(text) for text in texts]
+    except KmsError as e:
+        raise click.BadParameter(e.message, param_hint="--allow-image") from None
+
+
+def _check_chain_options(
+    rpc_url: str | None, contract: str | None, chain_id: int | None, images: Sequence[object]
+) -> None:
+    """Options that do not go together, a malformed --rpc-url or --contract: usage errors
+    at start, before anything is bound or started (an unreachable node is not one: the KMS
+    starts not ready)."""
+    import urllib.parse
+
+    if rpc_url is None and contract is not None:
+        raise click.UsageError("--contract goes with --rpc-url")
+    if rpc_url is not None and images:
+        raise click.UsageError(
+            "--allow-image registers on the embedded chain only; with --rpc-url, register "
+            "images with kms-gov add-image"
+        )
+    if rpc_url is not None and (contract is None or chain_id is None):
+        raise click.UsageError("--rpc-url needs --contract and --chain-id")
+    if rpc_url is not None:
+        parts = urllib.parse.urlsplit(rpc_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.BadParameter(
+                f"expected http://HOST:PORT or https://HOST[:PORT]; found {rpc_url[:80]!r}",
+                param_hint="--rpc-url",
+            )
+    if contract is not None:
+        from mock_kms.chain import parse_address
+
+        try:
+            parse_address(contract)
+        except KmsError as e:
+            raise click.BadParameter(e.message, param_hint="--contract") from None
 
 
 def _make_verifier(
@@ -533,7 +699,10 @@ def _make_verifier(
     from mock_kms.roots import load_pem_roots
     from mock_kms.verifier import AttestationPolicy, AttestationVerifier
 
-    extra = [cert for path in root_files for cert in load_pem_roots(path)]
+    try:
+        extra = [cert for path in root_files for cert in load_pem_roots(path)]
+    except KmsError as e:
+        raise click.BadParameter(e.message, param_hint=option) from None
     policy = AttestationPolicy(max_age=datetime.timedelta(seconds=max_age), allow_debug=allow_debug)
     if not no_aws_root:
         return AttestationVerifier.aws(policy=policy, extra_roots=extra)
@@ -549,32 +718,21 @@ def _make_allowlist(
     confirmations: int,
     revocation_delay: float,
     rpc_timeout: float,
-    allow_images: Sequence[str],
+    images: Sequence[tuple[bytes, bytes]],
 ) -> Any:
-    from mock_kms.allowlist import (
-        EmbeddedAllowlist,
-        ReaderSettings,
-        RpcAllowlist,
-        parse_allow_image,
-    )
+    from mock_kms.allowlist import EmbeddedAllowlist, ReaderSettings, RpcAllowlist
+    from mock_kms.chain import format_application
 
-    images = [parse_allow_image(text) for text in allow_images]
     if rpc_url is None:
-        if contract is not None:
-            raise click.UsageError("--contract goes with --rpc-url")
         allowlist = EmbeddedAllowlist.create(images)
         for image, app in images:
-            logging.getLogger("mock_kms").warning(
-                "embedded chain: image 0x%s registered for application 0x%s", image.hex(), app.hex()
+            logging.getLogger("mock_kms").info(
+                "embedded chain: image 0x%s registered for application %s",
+                image.hex(),
+                format_application(app),
             )
         return allowlist
-    if images:
-        raise click.UsageError(
-            "--allow-image registers on the embedded chain only; with --rpc-url, register "
-            "images with kms-gov add-image"
-        )
-    if contract is None or chain_id is None:
-        raise click.UsageError("--rpc-url needs --contract and --chain-id")
+    assert contract is not None and chain_id is not None  # _check_chain_options
     reader = RpcAllowlist.from_url(
         rpc_url,
         contract,
@@ -588,8 +746,95 @@ def _make_allowlist(
     except KmsError as e:
         # Start anyway (fail closed: not ready, every release refused) so a KMS that starts
         # before its node becomes ready by itself; say why now.
-        logging.getLogger("mock_kms").error("chain not ready at start: %s", e.message)
+        logging.getLogger("mock_kms").warning(
+            "starting not ready (fail closed: every release is refused with 503 until the "
+            "chain answers): %s",
+            e.message,
+        )
     return reader
+
+
+# -- provenance statements and the secp256k1 signer (issue 12) -------------------------------
+
+
+def _make_issuer(state_dir: Path, state: Any, allowlist: Any, rpc_url: str | None,
+                 contract: str | None, chain_id: int | None, rpc_timeout: float,
+                 revocation_delay: float) -> Any:
+    """The provenance issuer: the signer keys of ``state_dir``, and which one is registered.
+
+    Embedded chain: this KMS owns the contract, so it registers its newest signer key at
+    start (nothing else can change it later). RPC: governance registers one with kms-gov
+    set-signer; the KMS reads it (cached for the revocation delay) and signs with that key."""
+    from mock_kms import chain, signer
+    from mock_kms.provenance import ProvenanceIssuer, SignerChoice
+
+    ring = signer.SignerKeyring(state_dir)
+    newest = ring.newest(create=True)
+    assert newest is not None
+    log = logging.getLogger("mock_kms")
+    if rpc_url is None:
+        tx = signer.set_signer_request(allowlist.contract_address, newest)
+        chain.send(allowlist.w3, tx, sender=allowlist.owner)
+        log.warning("embedded chain: signer %s registered", newest)
+        registered = signer.RegisteredSigner(read=lambda: newest, max_staleness=float("inf"))
+        return ProvenanceIssuer(state, allowlist.chain_id, allowlist.contract_address,
+                                SignerChoice(registered, ring))
+    from web3 import Web3
+    from web3.providers.rpc import HTTPProvider
+
+    assert contract is not None and chain_id is not None
+    w3 = Web3(HTTPProvider(rpc_url, request_kwargs={"timeout": rpc_timeout},
+                           exception_retry_configuration=None), middleware=[])
+    address = chain.parse_address(contract)
+    registered = signer.RegisteredSigner(read=lambda: signer.read_signer(w3, address),
+                                         max_staleness=revocation_delay)
+    log.warning("secp256k1 signer keys: %s (register one with kms-gov set-signer)",
+                ", ".join(ring.addresses()))
+    return ProvenanceIssuer(state, chain_id, address, SignerChoice(registered, ring))
+
+
+@cli.group("signer")
+def signer_group() -> None:
+    """The KMS's secp256k1 signer keys (they sign secp256k1 provenance statements).
+
+    \b
+    Rotation:
+      mock-kms signer new --state-dir DIR       # prints the new address
+      kms-gov set-signer ADDRESS                # the KMS signs with it from then on
+    """
+
+
+@signer_group.command("show")
+@state_dir_option
+@click.option("--json", "as_json", is_flag=True, help="One JSON object on stdout.")
+def signer_show(state_dir: Path, as_json: bool) -> None:
+    """Print the newest signer's address (made on first use), to register with kms-gov."""
+    from mock_kms.signer import SignerKeyring
+
+    ring = SignerKeyring(state_dir)
+    try:
+        newest = ring.newest(create=True)
+    except OSError as e:
+        click.echo(f"mock-kms: cannot use {ring.directory}: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
+    if as_json:
+        click.echo(json.dumps({"signer": newest, "signers": ring.addresses()}))
+    else:
+        click.echo(newest)
+
+
+@signer_group.command("new")
+@state_dir_option
+def signer_new(state_dir: Path) -> None:
+    """Make another signer key (rotation) and print its address; the old keys stay, so the
+    KMS keeps signing with the registered one until governance registers the new one."""
+    from mock_kms.signer import SignerKeyring
+
+    try:
+        click.echo(SignerKeyring(state_dir).new())
+    except OSError as e:
+        click.echo(f"mock-kms: cannot write the signer key: {e.strerror}", err=True)
+        sys.exit(EXIT_INVALID)
 
 
 def _read_input(file: str) -> bytes:
@@ -612,14 +857,14 @@ def _read_input(file: str) -> bytes:
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point; ``argv`` lets tests call the CLI in-process."""
-    cli.main(
-        args=list(argv) if argv is not None else None,
-        prog_name="mock-kms",
-        auto_envvar_prefix="MOCK_KMS",
-    )
+# Every option's variable, set on the option so that --help shows it (also under CliRunner).
+ENVVARS = option_envvars(cli, "MOCK_KMS")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code. ``argv`` lets tests call the CLI in-process."""
+    return run(cli, argv, prog_name="mock-kms", prefix="MOCK_KMS")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

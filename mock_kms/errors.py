@@ -78,6 +78,8 @@ class ErrorCode(enum.StrEnum):
     STATE_INVALID = "state_invalid"
     AUDIT_UNAVAILABLE = "audit_unavailable"
     OVERLOADED = "overloaded"
+    # provenance statements (issue 12)
+    SIGNER_UNAVAILABLE = "signer_unavailable"
     REPLAY_STORE_UNAVAILABLE = "replay_store_unavailable"
 
 

@@ -6,12 +6,17 @@
 Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 
 =========================  ===================================================================
+``GET  /v1/live``          200 ``{"status": "live"}`` while the process serves (liveness: it
+                           never asks the chain; restart the process when this fails)
 ``GET  /v1/health``        200 ``{"status": "ready"}`` when the chain answers, the contract is
                            there and the secrets are loaded; 503 with the reason otherwise
 ``POST /v1/challenge``     a fresh nonce, single use, short-lived
 ``POST /v1/release``       the signed, sealed answer; 4xx for denials, 503 when unavailable
 ``GET  /v1/identity``      ``{"identity": "ed25519:..."}``, the key enclaves pin
-``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms
+``GET  /v1/provenance``    ``?application=APP&name=NAME&type=TYPE``: the signed provenance
+                           statement of a typed key (public; no attestation needed)
+``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms,
+                           ``kms_build_info{version}`` and ``kms_ready`` (1 ready, 0 not)
 =========================  ===================================================================
 
 waitress is concurrent (a thread pool), bounds the request body and header sizes and caps
@@ -37,7 +42,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from mock_kms.config import LIMITS
@@ -96,14 +101,30 @@ class Metrics:
     def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
         self.exposition = self.registry
+        # This process's view, never summed: the version, and readiness (evaluated at every
+        # scrape with set_function: 1 when /v1/health would answer ready; the chain and the
+        # replay store are what every worker shares, so any worker's answer is the server's).
+        live = self.registry
+        if multiprocess_dir is not None:
+            live = CollectorRegistry()
+        self.build_info = Gauge(
+            "kms_build_info", "The running version (always 1)", ["version"], registry=live
+        )
+        self.build_info.labels(version=_version()).set(1)
+        self.ready = Gauge(
+            "kms_ready",
+            "1 when ready: secrets loaded, chain and contract answering; 0 otherwise",
+            registry=live,
+        )
         if multiprocess_dir is not None:
             from prometheus_client import multiprocess, values
 
-            # Chosen per metric at construction: switch this process to files in the directory.
+            # Chosen per metric at construction: the metrics below write to files there.
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
             values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
             self.exposition = CollectorRegistry()
             multiprocess.MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            self.exposition.register(_Collected(live))
         self.releases = Counter(
             "kms_releases",
             "Key-release decisions by outcome and error code",
@@ -131,6 +152,25 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+
+class _Collected:
+    """Another registry's metrics, as one collector (the live gauges next to the summed files)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Any]:
+        return self._registry.collect()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nitro-keyrelease")
+    except PackageNotFoundError:  # pragma: no cover - run from a tree that is not installed
+        return "unknown"
 
 
 def _status_line(status: int) -> str:
@@ -202,11 +242,14 @@ class KmsApp:
         self.service = service
         self.max_body = max_body
         self.metrics = Metrics(metrics_dir)
+        self.metrics.ready.set_function(self._ready_value)
         self._routes: dict[tuple[str, str], Callable[[Environ], tuple[int, Any]]] = {
+            ("GET", "/v1/live"): lambda environ: (200, {"status": "live"}),
             ("GET", "/v1/health"): self._health,
             ("GET", "/v1/identity"): self._identity,
             ("POST", "/v1/challenge"): self._challenge,
             ("POST", RELEASE_PATH): self._release,
+            ("GET", "/v1/provenance"): self._provenance,
         }
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
@@ -279,12 +322,37 @@ class KmsApp:
     def _health(self, environ: Environ) -> tuple[int, Any]:
         return 200, self.service.ready()
 
+    def _ready_value(self) -> float:
+        try:
+            self.service.ready()
+        except KmsError:
+            return 0.0
+        return 1.0
+
     def _identity(self, environ: Environ) -> tuple[int, Any]:
         return 200, {"identity": self.service.state.identity_text}
 
     def _challenge(self, environ: Environ) -> tuple[int, Any]:
         self.metrics.challenges.inc()
         return 200, self.service.challenge()
+
+    def _provenance(self, environ: Environ) -> tuple[int, Any]:
+        """The statement of (application, name, type): public, so no attestation."""
+        from urllib.parse import parse_qs
+
+        from mock_kms.provenance import parse_query
+
+        issuer = self.service.provenance
+        if issuer is None:
+            raise InvalidError(ErrorCode.NOT_FOUND, "this KMS issues no provenance statements")
+        try:
+            query = parse_qs(str(environ.get("QUERY_STRING", ""))[:1024], max_num_fields=8)
+        except ValueError:
+            raise InvalidError(ErrorCode.BAD_REQUEST, "too many query parameters") from None
+        if any(len(v) != 1 for v in query.values()):
+            raise InvalidError(ErrorCode.BAD_REQUEST, "expected each query parameter once")
+        app, key = parse_query(*(query.get(f, [None])[0] for f in ("application", "name", "type")))
+        return 200, issuer.issue(app, key)
 
     def _release(self, environ: Environ) -> tuple[int, Any]:
         started = time.perf_counter()

@@ -40,11 +40,13 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from keyutil import protocol
+from keyutil import keytypes, protocol
 from keyutil.protocol import KeyRequest, ProtocolError
 from mock_kms.allowlist import Allowlist, require_allowed
+from mock_kms.chain import format_application
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
+from mock_kms.provenance import ProvenanceIssuer, has_statement
 from mock_kms.replay import MemoryReplayStore, ReplayStore, Verdict
 from mock_kms.state import KmsState
 from mock_kms.verifier import AttestationVerifier, VerifiedAttestation
@@ -179,7 +181,13 @@ class ReleaseRequest:
             for item in raw_keys[: protocol.MAX_KEYS + 1]:
                 if not isinstance(item, Mapping):
                     raise ProtocolError("bad_request", "keys: expected objects {name, length}")
-                keys.append(KeyRequest(item.get("name"), item.get("length")))  # type: ignore[arg-type]
+                keys.append(
+                    KeyRequest(
+                        item.get("name"),  # type: ignore[arg-type]
+                        item.get("length"),  # type: ignore[arg-type]
+                        item.get("type", keytypes.DEFAULT_TYPE),
+                    )
+                )
             attestation = protocol.b64d(
                 body.get("attestation"),
                 "attestation",
@@ -350,6 +358,7 @@ class ReleaseService:
         settings: ReleaseSettings | None = None,
         audit: AuditLog | None = None,
         clock: Clock = time.time,
+        provenance: ProvenanceIssuer | None = None,
         replay_store: ReplayStore | None = None,
     ) -> None:
         self.verifier = verifier
@@ -358,6 +367,8 @@ class ReleaseService:
         self.settings = settings or ReleaseSettings()
         self.audit = audit or AuditLog(None)
         self.clock = clock
+        # Issues the provenance statement of each typed key (None: releases carry none).
+        self.provenance = provenance
         self.nonces = NonceBook(state.nonce_key, self.settings, clock, replay_store)
 
     def challenge(self) -> dict[str, Any]:
@@ -423,6 +434,8 @@ class ReleaseService:
                 }
             )
             del secret
+            if self.provenance is not None and has_statement(key):
+                sealed[-1]["provenance"] = self.provenance.issue(application, key)
         body_out = {
             "version": protocol.PROTOCOL_VERSION,
             "suite": request.suite,
@@ -450,9 +463,8 @@ class ReleaseService:
     ) -> dict[str, Any]:
         """The audit line for one decision: who, what image, which keys, never key bytes."""
         entry: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
-            .isoformat()
-            .replace("+00:00", "Z"),
+            # Epoch seconds under "ts", as in every log of keyutil, the proxy and the KMS.
+            "ts": round(self.clock(), 3),
             "outcome": outcome,
             "code": code,
         }
@@ -460,7 +472,7 @@ class ReleaseService:
             entry.update(
                 module_id=result.verified.module_id,
                 os_image_hash=result.verified.os_image_hash,
-                application="0x" + result.application.hex(),
+                application=format_application(result.application),
                 keys=list(result.key_names),
                 debug=result.verified.debug,
             )

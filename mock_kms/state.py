@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
+from keyutil import keytypes
 from keyutil.protocol import KeyRequest, format_identity
 from mock_kms.errors import ErrorCode, UnavailableError
 
@@ -135,15 +136,43 @@ class KmsState:
         ).derive(self._root_secret)
 
     def derive_key(self, application: bytes, key: KeyRequest) -> bytes:
-        """The key ``key.name`` of ``application``: same inputs, same key, on any replica."""
+        """The key ``key.name`` of type ``key.type`` of ``application``: same inputs, same
+        key, on any replica.
+
+        raw: HKDF info ``"key" 0x00 || app || len(name) (2) || name || length (2)``, the
+        derivation from before key types. Every other type: ``"typed-key" 0x00 || len(label)
+        (1) || label || app || len(name) (2) || name || counter (1)``, 32 bytes, with the
+        counter counting up from 0 until the type accepts the seed (a scalar must be below
+        its group order): a type's keys share no material with another type's or with raw.
+        """
         if len(application) != 32:
             raise ValueError("an application id is 32 bytes")
         name = key.name.encode()
-        info = (
-            b"key\x00"
+        kind = keytypes.get(key.type)
+        if kind.seed_length is None:
+            info = (
+                b"key\x00"
+                + application
+                + len(name).to_bytes(2, "big")
+                + name
+                + key.length.to_bytes(2, "big")
+            )
+            return self._hkdf(info, key.length)
+        prefix = (
+            b"typed-key\x00"
+            + len(kind.label).to_bytes(1, "big")
+            + kind.label
             + application
             + len(name).to_bytes(2, "big")
             + name
-            + key.length.to_bytes(2, "big")
         )
-        return self._hkdf(info, key.length)
+        for counter in range(256):
+            seed = self._hkdf(prefix + counter.to_bytes(1, "big"), kind.seed_length)
+            if kind.accepts(seed):
+                return seed
+        raise ValueError(f"key type {kind.name}: no acceptable seed in 256 derivations")
+
+    def public_key(self, application: bytes, key: KeyRequest) -> str | None:
+        """The public half of a typed key (``age1...``), from the same derivation; None for
+        a type without one (raw). Needs no attestation: it is public."""
+        return keytypes.get(key.type).public(self.derive_key(application, key))

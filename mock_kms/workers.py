@@ -11,7 +11,7 @@ serves nothing: it restarts a worker that dies, forwards SIGTERM/SIGINT to all o
 waits for them to finish. A worker whose parent dies is sent SIGTERM by the kernel
 (``PR_SET_PDEATHSIG``), so a killed KMS leaves no worker behind holding its port.
 
-Why fork after building (docs/adr/0007-kms-workers.md): the embedded chain lives in the
+Why fork after building (docs/adr/0011-kms-workers.md): the embedded chain lives in the
 memory of one process; forked from one built chain, every worker holds the identical
 allowlist, with no chain process to ask and no second deployment to keep in step.
 """
@@ -73,17 +73,19 @@ def _start(index: int, serve_one: Callable[[int], None]) -> int:
         os._exit(code)
 
 
-def run_workers(count: int, serve_one: Callable[[int], None]) -> None:
-    """Fork ``count`` workers running ``serve_one(index)``; return once all have stopped after
-    SIGTERM or SIGINT (those still running ``STOP_GRACE_S`` later are killed). A worker that
-    exits otherwise is replaced."""
+def run_workers(count: int, serve_one: Callable[[int], None]) -> int | None:
+    """Fork ``count`` workers running ``serve_one(index)``; once all have stopped after
+    SIGTERM or SIGINT (those still running ``STOP_GRACE_S`` later are killed), return that
+    signal's number. A worker that exits otherwise is replaced."""
     stop_by: float | None = None  # set by the first SIGTERM/SIGINT
+    stopped_by: int | None = None
     workers: dict[int, tuple[int, float]] = {}  # pid: (index, started)
 
     def stop(signum: int, frame: object) -> None:
-        nonlocal stop_by
+        nonlocal stop_by, stopped_by
         if stop_by is None:
             stop_by = time.monotonic() + STOP_GRACE_S
+            stopped_by = signum
         for pid in list(workers):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -121,6 +123,7 @@ def run_workers(count: int, serve_one: Callable[[int], None]) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    return stopped_by
 
 
 def _reap() -> tuple[int, int]:

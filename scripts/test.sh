@@ -15,10 +15,12 @@ fi
 if [ -f package.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
-# Debian packages the tests start as real peers: socat (the other vsock/unix-to-TCP proxy)
-# and redis-server (the replay store shared by KMS replicas). One apt-get for the missing ones.
+# socat: the other real vsock/unix-to-TCP proxy, a peer in the end-to-end proxy tests.
+# systemd (systemd-analyze): verifies the example unit (examples/kms); the image has it.
+# redis-server: the replay store shared by KMS replicas, started by the tests.
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -27,8 +29,8 @@ if [ "${#missing[@]}" -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
       "${missing[@]}" >/dev/null
   else
-    echo "scripts/test.sh: ${missing[*]} missing and cannot be installed here (needs root and" \
-      "apt-get); install the Debian packages, or their end-to-end tests fail" >&2
+    echo "scripts/test.sh: ${missing[*]} missing and cannot be installed here (needs root" \
+      "and apt-get); install them, or the tests that use them fail or skip" >&2
   fi
 fi
 

@@ -29,11 +29,17 @@ contract ImageAllowlist {
     /// zero, so one storage slot answers both questions.
     mapping(bytes32 => bytes32) private _applicationOf;
 
+    /// @notice The address of the KMS's secp256k1 signer: the key that signs the provenance
+    /// statements of the secp256k1 keys the KMS releases (EIP-712, see ProvenanceCheck.sol).
+    /// Zero: none registered, so no statement verifies on chain.
+    address public signer;
+
     event OsImageHashAdded(bytes32 osImageHash);
     event OsImageHashRemoved(bytes32 osImageHash);
     event OsImageHashAssigned(bytes32 indexed osImageHash, bytes32 indexed appId);
     event OwnershipTransferStarted(address indexed previousOwner, address indexed newOwner);
     event OwnershipTransferred(address indexed previousOwner, address indexed newOwner);
+    event SignerChanged(address indexed previousSigner, address indexed newSigner);
 
     error NotOwner(address caller);
     error NotPendingOwner(address caller);
@@ -87,6 +93,13 @@ contract ImageAllowlist {
     function imageStatus(bytes32 osImageHash) external view returns (bool allowed, bytes32 appId) {
         appId = _applicationOf[osImageHash];
         allowed = appId != bytes32(0);
+    }
+
+    /// @notice Register the KMS's secp256k1 signer (rotation: the old one stops counting at
+    /// once, so statements it signed stop verifying). The zero address unregisters it.
+    function setSigner(address newSigner) external onlyOwner {
+        emit SignerChanged(signer, newSigner);
+        signer = newSigner;
     }
 
     /// @notice First step of an ownership change: name the next owner. Passing the zero
