@@ -490,13 +490,26 @@ def serve(
         _close_listener(sock, settings)
         raise
     where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{sock.getsockname()[1]}"
-    logger.info(
-        "mock-kms serving on %s with %d worker(s), replay store %s, identity %s",
-        where, workers, service.nonces.store.description, service.state.identity_text,
-    )
-    if allow_debug:
-        logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
-    stopped_by = _serve_workers(service, settings, sock, workers)
+    # From the start-up line on, SIGTERM and SIGINT stop the KMS cleanly, even one that
+    # arrives before the workers (or the one server loop) have taken the signals over.
+    stopped: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        stopped.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    try:
+        logger.info(
+            "mock-kms serving on %s with %d worker(s), replay store %s, identity %s",
+            where, workers, service.nonces.store.description, service.state.identity_text,
+        )
+        if allow_debug:
+            logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
+        stopped_by = _serve_workers(service, settings, sock, workers)
+    except KeyboardInterrupt:
+        stopped_by = stopped[0] if stopped else signal.SIGINT
     logger.info("mock-kms stopping")
     if stopped_by == signal.SIGINT:
         sys.exit(EXIT_INTERRUPTED)
