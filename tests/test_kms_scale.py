@@ -514,3 +514,24 @@ def test_the_connection_is_closed_after_a_release_and_kept_after_other_requests(
     second.read()
     assert second.status == 400 and second.getheader("Connection") == "close"
     conn.close()
+
+
+def test_python_api_get_key_fails_over_to_the_next_replica(setup: Setup) -> None:
+    from e2e_support import free_port
+
+    import keyutil
+
+    kms = setup.kms("--workers", "1").start().wait_listening()
+    events: list[str] = []
+    keys = keyutil.get_key(
+        [f"http://127.0.0.1:{free_port()}", kms.url],
+        kms_pubkey=setup.identity,
+        nsm="simulator",
+        sim_dir=setup.sim,
+        deadline=20,
+        log=lambda level, event, fields: events.append(event),
+    )
+    assert len(keys["default"]) == 32
+    assert "replica_unavailable" in events
+    with pytest.raises(ValueError, match="at least one URL"):
+        keyutil.get_key([], kms_pubkey=setup.identity, nsm="simulator", sim_dir=setup.sim)
