@@ -502,8 +502,8 @@ def serve(
     signal.signal(signal.SIGINT, interrupt)
     try:
         logger.info(
-            "mock-kms serving on %s with %d worker(s), replay store %s, identity %s",
-            where, workers, service.nonces.store.description, service.state.identity_text,
+            "mock-kms serving on %s, identity %s, %d worker(s), replay store %s",
+            where, service.state.identity_text, workers, service.nonces.store.description,
         )
         if allow_debug:
             logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
