@@ -39,6 +39,7 @@ separately). Ratios (target at least 0.6), each explained in the output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import http.client
 import json
 import multiprocessing
@@ -80,10 +81,19 @@ APP = "app"
 KEYS = (p.KeyRequest("disk", 32),)
 SUITE = p.SUITE_X25519
 TARGET_RATIO = 0.6
+TARGET_SCALING = 1.7
 ES384 = ec.ECDSA(hashes.SHA384())
 
 
 # -- The clients ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    nonce: bytes
+    recipient: Any
+    binding: bytes
+    body: bytes
 
 
 class Client:
@@ -119,8 +129,8 @@ class Client:
                     raise
         raise AssertionError("unreachable")
 
-    def release(self) -> float:
-        """One whole release; the /v1/release round trip in seconds. Raises on any failure."""
+    def prepare(self) -> Prepared:
+        """A challenge and the release body for it (a fresh key pair and document)."""
         status, data = self.post("/v1/challenge", b"")
         if status != 200:
             raise RuntimeError(f"challenge: HTTP {status} {data[:200]!r}")
@@ -138,11 +148,27 @@ class Client:
                 "attestation": p.b64e(document),
             }
         ).encode()
+        return Prepared(nonce, recipient, binding, body)
+
+    def send(self, prepared: Prepared) -> tuple[float, bytes]:
+        """POST a prepared release: (round trip in seconds, the answer). Raises unless 200."""
         started = time.perf_counter()
-        status, data = self.post("/v1/release", body)
+        status, data = self.post("/v1/release", prepared.body)
         round_trip = time.perf_counter() - started
         if status != 200:
             raise RuntimeError(f"release: HTTP {status} {data[:300]!r}")
+        return round_trip, data
+
+    def release(self) -> float:
+        """One whole release; the /v1/release round trip in seconds. Raises on any failure."""
+        prepared = self.prepare()
+        round_trip, data = self.send(prepared)
+        self.check(prepared, data)
+        return round_trip
+
+    def check(self, prepared: Prepared, data: bytes) -> None:
+        """The answer is the pinned KMS's, for this request, and opens to the derived key."""
+        nonce, recipient, binding = prepared.nonce, prepared.recipient, prepared.binding
         answer = p.verify_answer(self.identity, json.loads(data))
         if answer["nonce"] != p.b64e(nonce) or answer["binding"] != binding.hex():
             raise RuntimeError("answer: nonce or binding is not this request's")
@@ -154,24 +180,30 @@ class Client:
             opened = p.open_sealed(SUITE, recipient, key, nonce, p.b64d(item["sealed"], "sealed"))
             if opened != self.state.derive_key(application, key):
                 raise RuntimeError(f"key {key.name}: opened, but not the derived key")
-        return round_trip
 
 
 def client_worker(
     conn: multiprocessing.connection.Connection,
     kms: tuple[str, int, str, str, str],
-    begin_at: float,
-    stop_at: float,
+    precomputed: int,
 ) -> None:
-    """Closed loop from ``begin_at`` until ``stop_at`` (time.monotonic, shared on Linux).
+    """Closed loop from ``begin_at`` until ``stop_at`` (time.monotonic, shared on Linux), both
+    received on ``conn`` once this client has sent "ready".
 
-    Sends back ([(start, end, release round trip)], [(start, end, error text)]).
+    With ``precomputed`` > 0, first ask that many challenges and build their release bodies
+    (documents, key pairs), then in the loop only POST them; every answer is checked after
+    ``stop_at``, outside the window. Sends back ([(start, end, release round trip)],
+    [(start, end, error text)]).
     """
     host, port, sim_dir, state_dir, identity = kms
     done: list[tuple[float, float, float]] = []
     errors: list[tuple[float, float, str]] = []
     try:
         client = Client(host, port, Path(sim_dir), Path(state_dir), identity)
+        ready = [client.prepare() for _ in range(precomputed)]
+        answers: list[tuple[Prepared, bytes]] = []
+        conn.send("ready")
+        begin_at, stop_at = conn.recv()
         while time.monotonic() < begin_at:
             time.sleep(0.005)
         while True:
@@ -179,42 +211,62 @@ def client_worker(
             if start >= stop_at:
                 break
             try:
-                round_trip = client.release()
+                if precomputed:
+                    if not ready:
+                        errors.append((start, start, "out of precomputed documents: raise --docs"))
+                        break
+                    prepared = ready.pop()
+                    round_trip, data = client.send(prepared)
+                    answers.append((prepared, data))
+                else:
+                    round_trip = client.release()
                 done.append((start, time.monotonic(), round_trip))
             except Exception as e:
                 errors.append((start, time.monotonic(), f"{type(e).__name__}: {e}"[:500]))
                 if len(errors) > 1000:
                     break
+        for prepared, data in answers:
+            try:
+                client.check(prepared, data)
+            except Exception as e:
+                errors.append((0.0, 0.0, f"answer check: {type(e).__name__}: {e}"[:500]))
     except Exception:
         errors.append((0.0, 0.0, traceback.format_exc()[-1500:]))
     conn.send((done, errors))
     conn.close()
 
 
-def run_load(kms: LocalKms, n: int, seconds: float, warmup: float) -> dict[str, Any]:
+def run_load(
+    kms: LocalKms, n: int, seconds: float, warmup: float, *, workers: int, precomputed: int = 0
+) -> dict[str, Any]:
     ctx = multiprocessing.get_context("fork")
-    begin_at = time.monotonic() + 1.0  # time for the workers to start and load the simulator
-    t_start = begin_at + warmup
-    t_end = t_start + seconds
     kms_args = ("127.0.0.1", kms.port, str(kms.sim_dir), str(kms.state_dir), kms.identity)
     pipes, procs = [], []
     for _ in range(n):
-        recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=client_worker, args=(send, kms_args, begin_at, t_end))
+        recv, send = ctx.Pipe()
+        proc = ctx.Process(target=client_worker, args=(send, kms_args, precomputed))
         proc.start()
         send.close()
         pipes.append(recv)
         procs.append(proc)
+    for pipe in pipes:
+        if pipe.recv() != "ready":
+            raise RuntimeError("a client failed to start")
+    begin_at = time.monotonic() + 0.2
+    t_start = begin_at + warmup
+    t_end = t_start + seconds
+    for pipe in pipes:
+        pipe.send((begin_at, t_end))
 
     time.sleep(max(0.0, t_start - time.monotonic()))
     m0 = server_metrics(kms)
     w0 = time.monotonic()
-    server_cpu0 = cpu_seconds(kms.pid)
+    server_cpu0 = cpu_seconds(kms.pid, with_children=True)
     client_cpu0 = sum(cpu_seconds(pr.pid) for pr in procs if pr.pid is not None)
     time.sleep(max(0.0, t_end - time.monotonic()))
     m1 = server_metrics(kms)
     w1 = time.monotonic()
-    server_cpu1 = cpu_seconds(kms.pid)
+    server_cpu1 = cpu_seconds(kms.pid, with_children=True)
     client_cpu1 = sum(cpu_seconds(pr.pid) for pr in procs if pr.pid is not None)
 
     done: list[tuple[float, float, float]] = []
@@ -240,6 +292,8 @@ def run_load(kms: LocalKms, n: int, seconds: float, warmup: float) -> dict[str, 
     client_cpu = client_cpu1 - client_cpu0
     return {
         "clients": n,
+        "workers": workers,
+        "precomputed": bool(precomputed),
         "client_mode": f"{n} processes (multiprocessing, fork), one keep-alive connection each",
         "seconds": seconds,
         "releases": len(inside),
@@ -447,7 +501,8 @@ def print_table(report: dict[str, Any]) -> None:
         f"{report['cryptography']}  {report['openssl']}"
     )
     print(
-        f"server: mock-kms serve, {report['server_threads']} waitress threads, embedded chain, "
+        f"server: mock-kms serve, workers {report['server_workers']}, "
+        f"{report['server_threads']} waitress threads each, embedded chain, "
         f"audit log {'on' if report['audit_log'] else 'off'}; clients: N processes, one "
         f"closed-loop client and keep-alive connection each, on the same "
         f"{report['cpus_usable']} cores"
@@ -458,7 +513,7 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print()
     header = (
-        f"{'N':>2} {'rel/s':>7} {'e2e p50':>8} {'p95':>7} {'p99':>7} {'rtt p50':>8} "
+        f"{'w':>2} {'N':>2} {'rel/s':>7} {'e2e p50':>8} {'p95':>7} {'p99':>7} {'rtt p50':>8} "
         f"{'srv ms':>7} {'verify':>7} {'srv cpu':>8} {'srv%':>5} {'cli cpu':>8} {'cli%':>5} "
         f"{'err':>4} {'f/srv':>6} {'f/cpu':>6} {'f/mach':>6} {'f/busy':>6}"
     )
@@ -467,7 +522,8 @@ def print_table(report: dict[str, Any]) -> None:
     for r in report["loads"]:
         ratios = r["ratios"]
         print(
-            f"{r['clients']:>2} {r['releases_per_s']:>7.1f} {r['e2e_p50_ms']:>8.1f} "
+            f"{r['workers']:>2} {r['clients']:>2} {r['releases_per_s']:>7.1f} "
+            f"{r['e2e_p50_ms']:>8.1f} "
             f"{r['e2e_p95_ms']:>7.1f} {r['e2e_p99_ms']:>7.1f} {r['release_rtt_p50_ms']:>8.1f} "
             f"{r['server_ms_per_release']:>7.2f} {r['server_verify_ms_per_release']:>7.2f} "
             f"{r['server_cpu_ms_per_release']:>8.2f} {100 * r['server_cpu_utilization']:>5.0f} "
@@ -504,6 +560,11 @@ def print_table(report: dict[str, Any]) -> None:
             for key, value in r["ratios"].items()
         )
         print(f"  N={r['clients']}: {verdicts}")
+    if report["worker_scaling"]:
+        print()
+        print(f"worker scaling, throughput ratio (target >= {TARGET_SCALING} for 2w/1w):")
+        for key, value in report["worker_scaling"].items():
+            print(f"  {key}: {value:.2f} {'meets' if value >= TARGET_SCALING else 'MISSES'}")
     total_errors = sum(r["errors"] for r in report["loads"])
     print()
     print(f"errors: {total_errors}")
@@ -524,22 +585,41 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     serve_args = ["--threads", str(args.threads)]
     if args.audit_log:
         serve_args += ["--audit-log", str(work / "audit.log")]
-    kms = LocalKms(work, app=APP, serve_args=serve_args)
+    if args.docs:
+        # Documents are built before the window: they must still be fresh when sent.
+        serve_args += ["--nonce-lifetime", "600", "--max-age", "600"]
     loads = []
+    floor_bench: FloorBench | None = None
+    floor_segments: list[float] = []
+    exit_codes, tracebacks = [], False
+    segment = args.floor_seconds / (len(args.clients) * len(args.workers) + 1)
     try:
-        kms.start()
-        floor_bench = FloorBench(kms)
-        # Floor rounds (server idle) before, between and after the load phases, so that
-        # background load on a shared machine weighs on the floor as on the loads.
-        segment = args.floor_seconds / (len(args.clients) + 1)
-        floor_segments = [floor_bench.rounds(segment, rounds=3)]
-        for n in args.clients:
-            loads.append(run_load(kms, n, args.seconds, args.warmup))
-            floor_segments.append(floor_bench.rounds(segment, rounds=3))
+        for workers in args.workers:
+            kms = LocalKms(
+                work / f"w{workers}", app=APP, serve_args=[*serve_args, "--workers", str(workers)]
+            )
+            try:
+                kms.start()
+                if floor_bench is None:
+                    floor_bench = FloorBench(kms)
+                    # Floor rounds (server idle) before, between and after the load phases, so
+                    # that background load on a shared machine weighs on the floor as on loads.
+                    floor_segments.append(floor_bench.rounds(segment, rounds=3))
+                for n in args.clients:
+                    loads.append(
+                        run_load(
+                            kms, n, args.seconds, args.warmup, workers=workers,
+                            precomputed=args.docs,
+                        )
+                    )
+                    floor_segments.append(floor_bench.rounds(segment, rounds=3))
+            finally:
+                kms.stop()
+                exit_codes.append(kms.exit_code)
+                tracebacks = tracebacks or kms.log_has_traceback()
+        assert floor_bench is not None
         floor = floor_bench.summary()
     finally:
-        kms.stop()
-        server_traceback = kms.log_has_traceback()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     floor_s = floor["floor"]["median_ms"] / 1000
@@ -552,21 +632,39 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "seconds": args.seconds,
         "warmup": args.warmup,
         "server_threads": args.threads,
+        "server_workers": args.workers,
+        "precomputed_documents_per_client": args.docs,
         "audit_log": args.audit_log,
         "client_mode": "N client processes (multiprocessing fork), closed loop, one keep-alive "
-        "HTTP/1.1 connection each, on the same cores as the server",
+        "HTTP/1.1 connection each, on the same cores as the server"
+        + (", documents built before the window" if args.docs else ""),
         "cores_used": cores,
         "loads": loads,
+        "worker_scaling": worker_scaling(loads),
         "floor": floor,
         "floor_ms": floor["floor"]["median_ms"],
         "floor_uncached_ms": floor["floor_uncached"]["median_ms"],
         "floor_ms_by_segment": floor_segments,
         "target_ratio": TARGET_RATIO,
+        "target_worker_scaling": TARGET_SCALING,
         "ratio_notes": RATIO_NOTES,
         "errors": sum(r["errors"] for r in loads),
-        "server_exit_code": kms.exit_code,
-        "server_log_has_traceback": server_traceback,
+        "server_exit_code": next((c for c in exit_codes if c not in (0, -signal.SIGTERM)), 0),
+        "server_log_has_traceback": tracebacks,
     }
+
+
+def worker_scaling(loads: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """For each client count measured with several worker counts: the throughput with the most
+    workers over that with the fewest (target at least TARGET_SCALING for 2 over 1)."""
+    out = {}
+    for n in sorted({r["clients"] for r in loads}):
+        by_workers = {r["workers"]: r["releases_per_s"] for r in loads if r["clients"] == n}
+        if len(by_workers) > 1:
+            low, high = min(by_workers), max(by_workers)
+            if by_workers[low]:
+                out[f"N={n}: {high}w/{low}w"] = by_workers[high] / by_workers[low]
+    return out
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -581,6 +679,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured per N (1)")
     parser.add_argument("--floor-seconds", type=float, default=5.0, help="floor timing (5)")
     parser.add_argument("--threads", type=int, default=8, help="mock-kms --threads (8)")
+    parser.add_argument(
+        "--workers",
+        type=lambda s: [int(x) for x in s.split(",")],
+        default=[1],
+        help="comma-separated mock-kms --workers counts, each a fresh server (1)",
+    )
+    parser.add_argument(
+        "--docs",
+        type=int,
+        default=0,
+        help="precompute this many documents per client before each window and only POST "
+        "them in it, so that the KMS, not the clients, is the bottleneck (0: build each "
+        "document in the loop)",
+    )
     parser.add_argument("--audit-log", action="store_true", help="run mock-kms --audit-log")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -93,27 +94,54 @@ def p384_key(cert: x509.Certificate) -> ec.EllipticCurvePublicKey:
     return key
 
 
-def proc_memory_kib(pid: int) -> dict[str, int]:
-    """VmRSS (resident now) and VmHWM (the resident peak so far) of a live process, in KiB."""
-    values = {}
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            name, _, rest = line.partition(":")
-            if name in ("VmRSS", "VmHWM"):
-                values[name] = int(rest.split()[0])  # "  12345 kB"
+def children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (a KMS's workers, socat's connections)."""
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def proc_memory_kib(pid: int, *, with_children: bool = False) -> dict[str, int]:
+    """VmRSS (resident now) and VmHWM (the resident peak so far) of a live process, in KiB;
+    with ``with_children``, summed with its live children's (shared pages counted in each)."""
+    values = {"VmRSS": 0, "VmHWM": 0}
+    for p in [pid, *(children(pid) if with_children else [])]:
+        try:
+            with open(f"/proc/{p}/status") as f:
+                for line in f:
+                    name, _, rest = line.partition(":")
+                    if name in values:
+                        values[name] += int(rest.split()[0])  # "  12345 kB"
+        except OSError:
+            if p == pid:
+                raise
     return values
+
+
+def start_redis(work: Path) -> tuple[subprocess.Popen[bytes], str]:
+    """A redis-server on a free loopback port, its files in ``work``: (process, URL)."""
+    port = free_port()
+    (work / "redis").mkdir(exist_ok=True)
+    proc = subprocess.Popen(
+        ["redis-server", "--bind", "127.0.0.1", "--port", str(port), "--save", "",
+         "--dir", str(work / "redis")],
+        stdout=subprocess.DEVNULL,
+    )
+    for _ in range(200):
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return proc, f"redis://127.0.0.1:{port}/0"
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("redis-server did not start")
 
 
 def cpu_seconds(pid: int, *, with_children: bool = False) -> float:
     """utime + stime of a live process, from /proc; with ``with_children``, plus those of its
     live children (socat forks one per connection). A child gone meanwhile counts 0."""
-    pids = [pid]
-    if with_children:
-        try:
-            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
-            pids += [int(c) for c in children]
-        except OSError:
-            pass
+    pids = [pid, *(children(pid) if with_children else [])]
     total = 0.0
     for p in pids:
         try:
@@ -276,3 +304,78 @@ def crossed_ca_document(
         cabundle=[der(root)] + [der(c) for c in cas], public_key=None, user_data=None, nonce=None,
     )
     return sign1(encode_map(fields), leaf_key)
+class Flood:
+    """``connections`` sockets from ``source`` that trickle a request one byte at a time and
+    reconnect when cut; plus ``dribblers`` keep-alive connections that finish one request
+    and then send a byte every few seconds. One thread, non-blocking sockets, bounded."""
+
+    HEAD = b"POST /v1/release HTTP/1.1\r\nHost: kms\r\nContent-Length: 100\r\n\r\n" + b"x" * 99
+
+    def __init__(self, url: str, source: str, connections: int, dribblers: int) -> None:
+        host, port = url.removeprefix("http://").split(":")
+        self.address = (host, int(port))
+        self.source, self.connections, self.dribblers = source, connections, dribblers
+        self.open_peak = 0
+        self.reconnects = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run)
+
+    def _connect(self, source: str) -> socket.socket | None:
+        sock = socket.socket()
+        sock.setblocking(False)
+        sock.bind((source, 0))
+        try:
+            sock.connect(self.address)
+        except BlockingIOError:
+            pass
+        except OSError:
+            sock.close()
+            return None
+        return sock
+
+    def _run(self) -> None:
+        socks: dict[socket.socket, int] = {}  # socket: bytes of HEAD sent
+        dribble: dict[socket.socket, int] = {}
+        get = b"GET /v1/identity HTTP/1.1\r\nHost: kms\r\n\r\n"
+        while not self._stop.is_set():
+            budget = 200  # reconnects per round (a round is about 0.5 s): bounded
+            while len(socks) < self.connections and budget > 0:
+                s = self._connect(self.source)
+                budget -= 1
+                if s is None:
+                    break
+                socks[s] = 0
+                self.reconnects += 1
+            while len(dribble) < self.dribblers:
+                s = self._connect("127.0.0.3")
+                if s is None:
+                    break
+                dribble[s] = -1  # first a whole request, then a byte at a time
+            self.open_peak = max(self.open_peak, len(socks))
+            for s, sent in list(socks.items()) + list(dribble.items()):
+                book = socks if s in socks else dribble
+                try:
+                    if sent == -1:
+                        s.send(get)
+                        book[s] = 0
+                    else:
+                        s.send(self.HEAD[sent % len(self.HEAD) : sent % len(self.HEAD) + 1])
+                        book[s] = sent + 1
+                    if s.recv(65536) == b"":
+                        raise ConnectionResetError
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    s.close()
+                    del book[s]
+            self._stop.wait(0.5)
+        for s in [*socks, *dribble]:
+            s.close()
+
+    def __enter__(self) -> Flood:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()

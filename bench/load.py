@@ -2,13 +2,16 @@
 
     nice .venv/bin/python bench/load.py [--seconds 60] [--warmup 10] [--processes 4]
         [--threads 2] [--audit-log | --no-audit-log] [--rpc-url URL --chain-id N | --anvil]
+        [--workers N] [--redis]
 
 Set-up: an NSM simulator (``keyutil sim init``), a KMS state directory and one
 ``mock-kms serve`` process on a free loopback port (``benchlib.LocalKms``), its image allowed
 for application ``app``: on the embedded chain (default); or on a JSON-RPC chain, where a
 fresh allowlist contract is deployed and the image registered with ``kms-gov`` (``--rpc-url``
 with ``KMS_GOV_PRIVATE_KEY`` set to a funded key; ``--anvil`` starts a local anvil from
-``node_modules`` and funds a throwaway key itself). Audit log on by default.
+``node_modules`` and funds a throwaway key itself). Audit log on by default. ``--workers``
+is passed to ``mock-kms serve``; ``--redis`` starts a ``redis-server`` on loopback as its
+``--replay-store``. CPU and memory are the KMS's, its workers' included.
 
 Clients: ``--processes`` worker processes (real parallelism, whatever the GIL does), each
 running ``--threads`` threads; each thread is one enclave in a closed loop, doing what
@@ -62,6 +65,7 @@ from benchlib import (
     percentile,
     proc_memory_kib,
     server_metrics,
+    start_redis,
 )
 
 from keyutil import protocol
@@ -260,7 +264,7 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
 
     def sample(self) -> dict[str, int]:
-        memory = proc_memory_kib(self.pid)
+        memory = proc_memory_kib(self.pid, with_children=True)
         self.samples.append((time.monotonic(), memory["VmRSS"], memory["VmHWM"]))
         return memory
 
@@ -283,8 +287,14 @@ def ms(values: Sequence[float], q: float) -> float:
     return round(1000 * percentile(values, q), 2)
 
 
-def serve_args(args: argparse.Namespace, work: Path, chain: Mapping[str, Any]) -> list[str]:
+def serve_args(
+    args: argparse.Namespace, work: Path, chain: Mapping[str, Any], redis_url: str | None = None
+) -> list[str]:
     argv = ["--threads", str(args.kms_threads)]
+    if args.workers is not None:
+        argv += ["--workers", str(args.workers)]
+    if redis_url is not None:
+        argv += ["--replay-store", redis_url]
     if args.audit_log:
         argv += ["--audit-log", str(work / "audit.log")]
     if chain:
@@ -298,6 +308,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     anvil: subprocess.Popen[bytes] | None = None
     chain: dict[str, Any] = {}
     kms: LocalKms | None = None
+    redis: subprocess.Popen[bytes] | None = None
     try:
         if args.anvil or args.rpc_url:
             if args.anvil:
@@ -310,15 +321,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         kms = LocalKms(work, app=APP, embedded=not chain)
         if chain:
             chain["contract"] = register_on_chain(kms, chain["url"], chain["chain_id"], key)
-        kms.serve_args = serve_args(args, work, chain)
+        redis_url = None
+        if args.redis:
+            redis, redis_url = start_redis(work)
+        kms.serve_args = serve_args(args, work, chain, redis_url)
         kms.start()
         return measure(args, kms, chain)
     finally:
         if kms is not None:
             kms.stop()
-        if anvil is not None:
-            anvil.terminate()
-            anvil.wait(timeout=10)
+        for proc in (anvil, redis):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(timeout=10)
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 
@@ -349,7 +364,7 @@ def measure(args: argparse.Namespace, kms: LocalKms, chain: Mapping[str, Any]) -
 
     time.sleep(max(0.0, measure_at - time.monotonic()))
     metrics_start = server_metrics(kms)
-    cpu_start = cpu_seconds(kms.pid)
+    cpu_start = cpu_seconds(kms.pid, with_children=True)
     memory_warm = sampler.sample()
     print(
         f"warm-up done: RSS {memory_warm['VmRSS'] / 1024:.1f} MiB, "
@@ -358,7 +373,7 @@ def measure(args: argparse.Namespace, kms: LocalKms, chain: Mapping[str, Any]) -
     )
     time.sleep(max(0.0, stop_at - time.monotonic()))
     metrics_end = server_metrics(kms)
-    cpu_end = cpu_seconds(kms.pid)
+    cpu_end = cpu_seconds(kms.pid, with_children=True)
     memory_end = sampler.sample()
 
     attempts: list[Attempt] = []
@@ -388,6 +403,8 @@ def measure(args: argparse.Namespace, kms: LocalKms, chain: Mapping[str, Any]) -
         "benchmark": "load",
         **environment(),
         "chain": "rpc" if chain else "embedded",
+        "workers": args.workers,
+        "replay_store": "redis" if args.redis else "sqlite",
         "rpc_url": chain.get("url"),
         "audit_log": args.audit_log,
         "kms_threads": args.kms_threads,
@@ -482,6 +499,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=4, help="client processes (4)")
     parser.add_argument("--threads", type=int, default=2, help="clients per process (2)")
     parser.add_argument("--kms-threads", type=int, default=8, help="mock-kms --threads (8)")
+    parser.add_argument("--workers", type=int, help="mock-kms --workers (its default: CPUs)")
+    parser.add_argument(
+        "--redis", action="store_true", help="start a redis-server as the --replay-store"
+    )
     parser.add_argument(
         "--audit-log",
         action=argparse.BooleanOptionalAction,

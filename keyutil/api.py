@@ -66,7 +66,7 @@ def pinned_identity(kms_pubkey: str | None, insecure_skip_kms_auth: bool) -> str
 
 
 def get_key(
-    kms: str,
+    kms: str | Sequence[str],
     *,
     kms_pubkey: str | None = None,
     keys: Sequence[str] = (DEFAULT_KEY_NAME,),
@@ -84,7 +84,8 @@ def get_key(
     """Release ``keys`` from the KMS at ``kms`` to this attested enclave; name -> key bytes.
 
     ``kms`` is a URL as ``--kms`` takes it (``vsock://3:8000``, ``http://127.0.0.1:8420``,
-    ``https://kms.example.com``, ``unix:///run/kms.sock``); ``kms_pubkey`` the pinned
+    ``https://kms.example.com``, ``unix:///run/kms.sock``), or a list of them: replicas
+    sharing one identity, tried in order as ``--kms`` repeated; ``kms_pubkey`` the pinned
     identity, ``ed25519:BASE64`` or ``@FILE``; ``lengths`` and ``types`` (``raw``, ``age``,
     ``ed25519``, ``secp256k1``: what ``--type`` takes) one for all keys or one per key;
     ``deadline`` the seconds the whole release may take, retries included; ``nsm`` and
@@ -113,12 +114,16 @@ def get_key(
         )
     except ProtocolError as e:
         raise ValueError(e.message) from None
+    urls = [kms] if isinstance(kms, str) else list(kms)
     try:
-        transport = HttpTransport.from_url(kms, ca_file=kms_ca)  # ValueError for a bad URL
+        # ValueError for a bad URL
+        transports = [HttpTransport.from_url(url, ca_file=kms_ca) for url in urls]
     except ssl.SSLError as e:
         raise ValueError(f"--kms-ca: cannot load CA file: {e.reason}") from None
+    if not transports:
+        raise ValueError("kms: expected at least one URL")
     release = release_keys(
-        transport,
+        transports,
         open_nsm(nsm, sim_dir=Path(sim_dir) if sim_dir is not None else None),
         request,
         deadline_s=deadline - (time.monotonic() - started),

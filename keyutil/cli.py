@@ -242,6 +242,16 @@ kms_option = click.option(
     help="The KMS: http://HOST:PORT, https://HOST[:PORT] (443), unix:///PATH or "
     "vsock://CID:PORT.",
 )
+kms_replicas_option = click.option(
+    "--kms",
+    "kms_urls",
+    required=True,
+    multiple=True,
+    envvar="KEYUTIL_KMS",
+    help="The KMS: http://HOST:PORT, https://HOST[:PORT] (443), unix:///PATH or "
+    "vsock://CID:PORT. Repeat it for replicas sharing one identity: tried in order, the next "
+    "when one is unreachable or unavailable (KEYUTIL_KMS: separated by spaces).",
+)
 kms_ca_option = click.option(
     "--kms-ca",
     type=click.Path(exists=True, dir_okay=False),
@@ -274,7 +284,7 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
 
 
 @cli.command("get-key")
-@kms_option
+@kms_replicas_option
 @click.option(
     "--kms-pubkey",
     envvar="KEYUTIL_KMS_PUBKEY",
@@ -388,7 +398,7 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
 @log_format_option
 @verbose_option
 def get_key(
-    kms_url: str,
+    kms_urls: tuple[str, ...],
     kms_pubkey: str | None,
     insecure_skip_kms_auth: bool,
     kms_ca: str | None,
@@ -425,8 +435,9 @@ def get_key(
     Asks the KMS for a challenge, gets an attestation document from the NSM binding the
     challenge, a fresh HPKE public key and this request, and checks that the answer is
     signed by the pinned KMS identity and is for this very request before writing anything.
-    Retries while the KMS is unavailable (503, no connection), up to --deadline;
-    never retries a denial. The default key is one 32-byte key named "default".
+    Retries while the KMS is unavailable (503, no connection), up to --deadline, trying
+    each --kms replica in order; never retries a denial, from any replica.
+    The default key is one 32-byte key named "default".
     \b
     Exit codes: 0 released, 2 usage, 3 KMS unreachable by the deadline, 4 denied
     (the KMS's code is logged), 5 NSM error, 6 the answer failed authentication,
@@ -480,7 +491,7 @@ def get_key(
     if out_dir is not None and len({k.name for k in request.keys}) != len(request.keys):
         raise click.UsageError("--out-dir writes DIR/NAME: one type per key name")
     _check_typed_options(request.keys, key_format, provenance_out)
-    transport = _transport(kms_url, kms_ca)
+    transports = [_transport(url, kms_ca) for url in kms_urls]
     sink: Sink
     if out is not None:
         sink = FileSink(out, allow_persistent=allow_persistent)
@@ -504,7 +515,7 @@ def get_key(
     try:
         nsm = open_nsm(nsm_kind, sim_dir=sim_dir)
         release = release_keys(
-            transport,
+            transports,
             nsm,
             request,
             deadline_s=deadline - (time.monotonic() - started),

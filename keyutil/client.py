@@ -560,7 +560,7 @@ def exchange(
 
 
 def release_keys(
-    transport: Transport,
+    transport: Transport | Sequence[Transport],
     nsm: NSM,
     request: ReleaseRequest,
     *,
@@ -573,9 +573,17 @@ def release_keys(
 ) -> Release:
     """The keys of ``request``, released by the KMS behind ``transport`` within the deadline.
 
+    ``transport`` may be a list: replicas sharing one identity, tried in order within each
+    attempt; one that is unreachable or unavailable passes the attempt to the next, and
+    only when every replica failed does the attempt fail and, after a pause, start again
+    from the first. A denial or a rejected answer from any replica ends everything.
+
     Raises KmsUnavailable (deadline passed), KmsDenied (4xx, not retried), AnswerRejected
     (not retried) or :class:`keyutil.nsm.NsmError` (not retried).
     """
+    replicas = [transport] if not isinstance(transport, Sequence) else list(transport)
+    if not replicas:
+        raise ValueError("expected at least one KMS transport")
     if request.identity is None:
         log(
             "warning",
@@ -588,16 +596,39 @@ def release_keys(
     deadline = _Clock(clock, deadline_s)
 
     def attempt(n: int) -> Release:
-        log("debug", "attempt", {"attempt": n, "time_left_s": round(max(0.0, deadline.left()), 2)})
-        return exchange(
-            transport,
-            nsm,
-            request,
-            clock=clock,
-            time_left_s=deadline.left(),
-            policy=policy,
-            attempt=n,
-        )
+        last: KmsUnavailable | None = None
+        for index, replica in enumerate(replicas):
+            if last is not None:
+                if deadline.left() < policy.min_attempt_time:
+                    break
+                log(
+                    "warning",
+                    "replica_unavailable",
+                    {"replica": index - 1, "code": last.code, "message": last.message},
+                )
+            log(
+                "debug",
+                "attempt",
+                {
+                    "attempt": n,
+                    "replica": index,
+                    "time_left_s": round(max(0.0, deadline.left()), 2),
+                },
+            )
+            try:
+                return exchange(
+                    replica,
+                    nsm,
+                    request,
+                    clock=clock,
+                    time_left_s=deadline.left(),
+                    policy=policy,
+                    attempt=n,
+                )
+            except KmsUnavailable as e:
+                last = e
+        assert last is not None
+        raise last
 
     release = _retrying(
         attempt,

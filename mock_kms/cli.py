@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import datetime
 import errno
 import json
@@ -424,6 +425,42 @@ def recipient(state_dir: Path, app: str, key_name: str, key_type: str, as_json: 
     help="Close a connection whose request is not whole this many seconds after its first byte.",
 )
 @click.option(
+    "--workers",
+    type=click.IntRange(1, 256),
+    default=lambda: _usable_cpus(),
+    show_default="usable CPUs",
+    envvar="MOCK_KMS_WORKERS",
+    help="Processes accepting on the one listening address, each with --threads threads.",
+)
+@click.option(
+    "--replay-store",
+    envvar="MOCK_KMS_REPLAY_STORE",
+    help="Where used challenges are remembered: sqlite (STATE_DIR/replay.sqlite3, shared by "
+    "workers and restarts), sqlite:///PATH, or redis://HOST:PORT/DB (shared by replicas).",
+)
+@click.option(
+    "--header-timeout",
+    type=click.FloatRange(0.1, 600),
+    default=5.0,
+    envvar="MOCK_KMS_HEADER_TIMEOUT",
+    help="Close a connection whose request head is not whole this many seconds after its "
+    "first byte.",
+)
+@click.option(
+    "--keepalive-timeout",
+    type=click.FloatRange(0.1, 3600),
+    default=5.0,
+    envvar="MOCK_KMS_KEEPALIVE_TIMEOUT",
+    help="Close a connection that waits this many seconds between requests.",
+)
+@click.option(
+    "--max-connections-per-peer",
+    type=click.IntRange(1, 200),
+    default=32,
+    envvar="MOCK_KMS_MAX_CONNECTIONS_PER_PEER",
+    help="Connections one TCP peer address may hold, per worker (the rest are closed).",
+)
+@click.option(
     "-v", "--verbose", count=True, help="Debug logs too (start, stop and releases are INFO)."
 )
 @click.option(
@@ -454,6 +491,11 @@ def serve(
     threads: int,
     idle_timeout: int,
     request_timeout: float,
+    workers: int,
+    replay_store: str | None,
+    header_timeout: float,
+    keepalive_timeout: float,
+    max_connections_per_peer: int,
     verbose: int,
     log_format: str,
 ) -> None:
@@ -471,7 +513,7 @@ def serve(
       mock-kms serve --trust-root /tmp/sim/root.pem \\
           --allow-image "$(jq -r .os_image_hash /tmp/sim/enclave.json)=my-app"
     """
-    from mock_kms.server import KmsApp, ServerSettings
+    from mock_kms.server import ServerSettings
 
     group_verbose = click.get_current_context().find_root().params.get("verbose", 0)
     _setup_logging(group_verbose + verbose, log_format, base=logging.INFO)
@@ -488,47 +530,49 @@ def serve(
         threads=threads,
         channel_timeout=idle_timeout,
         request_timeout=request_timeout,
+        header_timeout=header_timeout,
+        keepalive_timeout=keepalive_timeout,
+        max_connections_per_peer=max_connections_per_peer,
     )
     # Bind first: a port in use or a missing directory is told at once, not after the
-    # seconds the chain takes to start. Nothing is served before run() below.
-    starting = _Starting()
-    server = _bind(starting, settings)
+    # seconds the chain takes to start. Nothing is served before the workers start.
+    sock = _bind(settings)
     try:
         service = _start_service(
             state_dir, images, rpc_url, contract, chain_id, confirmations, revocation_delay,
             rpc_timeout, trust_roots, no_aws_root, max_age, debug_application, audit_log,
-            nonce_lifetime,
+            nonce_lifetime, replay_store,
         )
     except BaseException:  # a one-line exit (SystemExit) or Ctrl-C while the chain starts
-        server.close()
+        _close_listener(sock, settings)
         raise
-    starting.app = KmsApp(service, max_body=settings.max_body)
-    # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
-    # handler would pull them from under the select() that run() is blocked in.
-    stopped_by: list[int] = []
+    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{sock.getsockname()[1]}"
+    # From the start-up line on, SIGTERM and SIGINT stop the KMS cleanly, even one that
+    # arrives before the workers (or the one server loop) have taken the signals over.
+    stopped: list[int] = []
 
     def interrupt(signum: int, frame: object) -> None:
-        stopped_by.append(signum)
+        stopped.append(signum)
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, interrupt)
     signal.signal(signal.SIGINT, interrupt)
-    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{server.effective_port}"
     try:
-        logger.info("mock-kms serving on %s, identity %s", where, service.state.identity_text)
+        logger.info(
+            "mock-kms serving on %s, identity %s, %d worker(s), replay store %s",
+            where, service.state.identity_text, workers, service.nonces.store.description,
+        )
         if allow_debug:
             logger.warning(
                 "UNSAFE: --allow-debug: debug-mode enclaves get the debug-domain keys of "
                 "application %s",
                 debug_app,
             )
-        server.run()  # returns (waitress swallows the interrupt) or raises it
+        stopped_by = _serve_workers(service, settings, sock, workers)
     except KeyboardInterrupt:
-        pass
-    finally:
-        logger.info("mock-kms stopping")
-        server.close()
-    if stopped_by[:1] == [signal.SIGINT]:
+        stopped_by = stopped[0] if stopped else signal.SIGINT
+    logger.info("mock-kms stopping")
+    if stopped_by == signal.SIGINT:
         sys.exit(EXIT_INTERRUPTED)
 
 
@@ -547,8 +591,11 @@ def _start_service(
     debug_application: bytes | None,
     audit_log: Path | None,
     nonce_lifetime: float,
+    replay_store: str | None,
 ) -> Any:
-    """The release service, or one line and exit 1 (state, chain, roots, audit log, signer)."""
+    """The release service, or one line and exit 1 (state, chain, roots, audit log, signer,
+    replay store)."""
+    from mock_kms.replay import open_replay_store
     from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
     from mock_kms.state import KmsState
 
@@ -560,6 +607,9 @@ def _start_service(
         )
         verifier = _make_verifier(trust_roots, "--trust-root", no_aws_root, max_age, allow_debug)
         audit = AuditLog(audit_log)
+        store = open_replay_store(replay_store, state_dir)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--replay-store") from None
     except OSError as e:
         click.echo(f"mock-kms: cannot open the audit log: {e.strerror}", err=True)
         sys.exit(EXIT_INVALID)
@@ -582,27 +632,79 @@ def _start_service(
         settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
         audit=audit,
         debug_application=debug_application,
+        replay_store=store,
         provenance=issuer,
     )
 
 
-class _Starting:
-    """The WSGI application while the KMS starts: bound before the service exists."""
+def _serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> int | None:
+    """Serve on ``sock`` until SIGTERM or SIGINT (returned): in this process, or in
+    ``workers`` forked ones with metrics summed across them (prometheus_client's
+    multiprocess files in a private directory)."""
+    import shutil
+    import tempfile
 
-    app: Any = None
+    from mock_kms.server import KmsApp, create_server
+    from mock_kms.workers import run_workers
 
-    def __call__(self, environ: Any, start_response: Any) -> Any:
-        return self.app(environ, start_response)
+    stopped_by: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    def serve_one(index: int, metrics_dir: str | None = None) -> None:
+        service.nonces.store.close()  # a forked worker opens its own connections
+        server = create_server(
+            KmsApp(service, max_body=settings.max_body, metrics_dir=metrics_dir), settings, sock
+        )
+        # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
+        # handler would pull them from under the poll() that run() is blocked in.
+        signal.signal(signal.SIGTERM, interrupt)
+        signal.signal(signal.SIGINT, interrupt)
+        try:
+            server.run()  # returns (waitress swallows the interrupt) or raises it
+        except KeyboardInterrupt:
+            pass
+        finally:
+            server.close()
+
+    try:
+        if workers == 1:
+            serve_one(0)
+            return stopped_by[0] if stopped_by else None
+        metrics_dir = tempfile.mkdtemp(prefix="mock-kms-metrics-")
+        try:
+            return run_workers(workers, lambda index: serve_one(index, metrics_dir))
+        finally:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+    finally:
+        _close_listener(sock, settings)
 
 
-def _bind(app: Any, settings: Any) -> Any:
-    """A waitress server listening on ``settings``' address, or exit 2 (bad address) or 3."""
-    from mock_kms.server import create_server
+def _close_listener(sock: Any, settings: Any) -> None:
+    sock.close()
+    if settings.unix_socket:
+        with contextlib.suppress(OSError):
+            os.unlink(settings.unix_socket)
+
+
+def _usable_cpus() -> int:
+    from mock_kms.workers import usable_cpus
+
+    return usable_cpus()
+
+
+def _bind(settings: Any) -> Any:
+    """The listening socket for ``settings``' address, or exit 2 (bad address) or 3."""
+    import socket
+
+    from mock_kms.server import listen
 
     where = settings.unix_socket or f"{settings.host}:{settings.port}"
     try:
-        return create_server(app, settings)
-    except ValueError:  # waitress: not an address it can listen on
+        return listen(settings)
+    except (ValueError, socket.gaierror):  # not an address this machine can listen on
         raise click.BadParameter(
             f"cannot listen on {settings.host!r}: expected an IP address or a host name "
             "of this machine (127.0.0.1, ::1, 0.0.0.0)",

@@ -80,6 +80,7 @@ class ErrorCode(enum.StrEnum):
     OVERLOADED = "overloaded"
     # provenance statements (issue 12)
     SIGNER_UNAVAILABLE = "signer_unavailable"
+    REPLAY_STORE_UNAVAILABLE = "replay_store_unavailable"
 
 
 class KmsError(Exception):

@@ -21,16 +21,23 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 =========================  ===================================================================
 
 waitress is concurrent (a thread pool), bounds the request body and header sizes and caps
-open connections. Two clocks close connections: ``channel_timeout`` (idle: no byte in either
-direction for that long) and ``request_timeout`` (a request, from its first byte, must arrive
-whole within it), so a client that trickles a byte now and then cannot keep a connection.
+open connections, in all and per peer address. Four clocks close connections (see
+:func:`deadline_channel`), so a client that trickles a byte now and then, or keeps an idle
+connection alive, cannot keep a slot. Several workers (:mod:`mock_kms.workers`) accept on one
+listening socket made by :func:`listen`.
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import dataclasses
 import json
 import logging
+import os
+import socket
+import stat
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -48,6 +55,10 @@ logger = logging.getLogger(__name__)
 StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 
+RELEASE_PATH = "/v1/release"
+# How often each connection's request and keep-alive deadlines are looked at (seconds).
+DEADLINE_CHECK_INTERVAL = 0.25
+
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
@@ -62,16 +73,59 @@ class ServerSettings:
     channel_timeout: int = 30
     # Seconds from a request's first byte to its last; a slower request loses its connection.
     request_timeout: float = 10.0
+    # Seconds from a request's first byte to the end of its head (request line and headers).
+    header_timeout: float = 5.0
+    # Seconds a connection may wait between requests (or for its first) before it is closed.
+    keepalive_timeout: float = 5.0
+    # Connections per worker; and per TCP peer address per worker.
     connection_limit: int = 200
+    max_connections_per_peer: int = 32
+    backlog: int = 1024
 
     def __post_init__(self) -> None:
-        if self.channel_timeout < 1 or self.request_timeout <= 0:
+        if (
+            self.channel_timeout < 1
+            or self.request_timeout <= 0
+            or self.header_timeout <= 0
+            or self.keepalive_timeout <= 0
+        ):
             raise ValueError("the idle and request timeouts are positive (idle: whole seconds)")
+        if not 0 < self.max_connections_per_peer <= self.connection_limit:
+            raise ValueError("the per-peer connection limit is between 1 and the connection limit")
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """The server's metrics. With ``multiprocess_dir`` (several workers), each worker writes
+    its values to files there (prometheus_client's multiprocess mode) and ``/metrics`` sums
+    every worker's, those of workers that have exited included."""
+
+    def __init__(self, multiprocess_dir: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.exposition = self.registry
+        # This process's view, never summed: the version, and readiness (evaluated at every
+        # scrape with set_function: 1 when /v1/health would answer ready; the chain and the
+        # replay store are what every worker shares, so any worker's answer is the server's).
+        live = self.registry
+        if multiprocess_dir is not None:
+            live = CollectorRegistry()
+        self.build_info = Gauge(
+            "kms_build_info", "The running version (always 1)", ["version"], registry=live
+        )
+        self.build_info.labels(version=_version()).set(1)
+        self.ready = Gauge(
+            "kms_ready",
+            "1 when ready: secrets loaded, chain and contract answering; 0 otherwise",
+            registry=live,
+        )
+        if multiprocess_dir is not None:
+            from prometheus_client import multiprocess, values
+
+            # Chosen per metric at construction: the metrics below write to files there.
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = multiprocess_dir
+            values.ValueClass = values.MultiProcessValue()  # type: ignore[no-untyped-call]
+            self.exposition = CollectorRegistry()
+            multiprocess.MultiProcessCollector(self.exposition, path=multiprocess_dir)  # type: ignore[no-untyped-call]
+            self.exposition.register(_Collected(live))
         self.releases = Counter(
             "kms_releases",
             "Key-release decisions by outcome and error code",
@@ -93,22 +147,22 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self.build_info = Gauge(
-            "kms_build_info", "The running version (always 1)", ["version"], registry=self.registry
-        )
-        self.build_info.labels(version=_version()).set(1)
-        # Evaluated at every scrape (set_function): 1 when /v1/health would answer ready.
-        self.ready = Gauge(
-            "kms_ready",
-            "1 when ready: secrets loaded, chain and contract answering; 0 otherwise",
-            registry=self.registry,
-        )
         self.release_latency = Histogram(
             "kms_release_seconds",
             "Whole release request time",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+
+class _Collected:
+    """Another registry's metrics, as one collector (the live gauges next to the summed files)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Any]:
+        return self._registry.collect()
 
 
 def _version() -> str:
@@ -148,17 +202,23 @@ def http_status(error: KmsError) -> int:
 class KmsApp:
     """The WSGI application: routing, body limits, JSON, metrics and the audit trail."""
 
-    def __init__(self, service: ReleaseService, *, max_body: int = 64 * 1024) -> None:
+    def __init__(
+        self,
+        service: ReleaseService,
+        *,
+        max_body: int = 64 * 1024,
+        metrics_dir: str | None = None,
+    ) -> None:
         self.service = service
         self.max_body = max_body
-        self.metrics = Metrics()
+        self.metrics = Metrics(metrics_dir)
         self.metrics.ready.set_function(self._ready_value)
         self._routes: dict[tuple[str, str], Callable[[Environ], tuple[int, Any]]] = {
             ("GET", "/v1/live"): lambda environ: (200, {"status": "live"}),
             ("GET", "/v1/health"): self._health,
             ("GET", "/v1/identity"): self._identity,
             ("POST", "/v1/challenge"): self._challenge,
-            ("POST", "/v1/release"): self._release,
+            ("POST", RELEASE_PATH): self._release,
             ("GET", "/v1/provenance"): self._provenance,
             ("GET", "/v1/recipient"): self._recipient,
         }
@@ -167,7 +227,7 @@ class KmsApp:
         method = environ.get("REQUEST_METHOD", "GET")
         path = environ.get("PATH_INFO", "/")
         if method == "GET" and path == "/metrics":
-            body = generate_latest(self.metrics.registry)
+            body = generate_latest(self.metrics.exposition)
             start_response(
                 "200 OK",
                 [("Content-Type", CONTENT_TYPE_LATEST), ("Content-Length", str(len(body)))],
@@ -331,21 +391,65 @@ class KmsApp:
         self.metrics.release_latency.observe(time.perf_counter() - started)
 
 
-def request_deadline_channel(request_timeout: float) -> type:
-    """waitress's connection class, closing a connection whose request is still incomplete
-    ``request_timeout`` seconds after its first byte.
+def deadline_channel(settings: ServerSettings) -> type:
+    """waitress's connection class with the limits a slow-client flood runs into.
 
     waitress's own ``channel_timeout`` counts idle time only: a client that sends one byte
     every few seconds is never idle and would hold its connection (one of
-    ``connection_limit``) for as long as it likes. The server loop asks every connection
-    ``readable()`` at least once a second, which is where the deadline is checked.
+    ``connection_limit``) for as long as it likes. This class adds, per connection:
+
+    - ``header_timeout``: a request's head must be whole this long after its first byte;
+    - ``request_timeout``: the whole request (head and body) within this;
+    - ``keepalive_timeout``: a connection with no request in progress and nothing to send is
+      closed after this long without a byte (a kept-alive connection is not a reservation);
+    - ``max_connections_per_peer``: a TCP peer address holding that many connections to this
+      worker has its next one closed at once, so one host cannot take every slot.
+
+    The server loop asks every connection ``readable()`` at least once a second, which is
+    where the clocks are checked.
     """
     from waitress.channel import HTTPChannel
 
-    class RequestDeadlineChannel(HTTPChannel):  # type: ignore[misc]
+    per_peer: collections.Counter[str] = collections.Counter()
+    lock = threading.Lock()
+    last_refusal_log = [0.0]
+
+    class DeadlineChannel(HTTPChannel):  # type: ignore[misc]
         _partial: Any = None  # the request being received, or None between requests
         _partial_since = 0.0
+        _peer: str | None = None
+        _next_check = 0.0
         will_close: bool  # waitress's flag: close once the output is flushed
+
+        def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
+            super().__init__(server, sock, addr, adj, map=map)
+            if sock.family not in (socket.AF_INET, socket.AF_INET6):
+                return  # a unix socket's peers are one local proxy: no per-peer cap
+            peer = str(addr[0])
+            with lock:
+                over = per_peer[peer] >= settings.max_connections_per_peer
+                if not over:
+                    per_peer[peer] += 1
+                    self._peer = peer
+            if over:
+                now = time.monotonic()
+                if now - last_refusal_log[0] > 1.0:
+                    last_refusal_log[0] = now
+                    logger.warning(
+                        "refusing connections from %s: it holds %d (the per-peer limit)",
+                        peer,
+                        settings.max_connections_per_peer,
+                    )
+                self.handle_close()
+
+        def del_channel(self, map: Any = None) -> None:
+            super().del_channel(map)
+            with lock:
+                if self._peer is not None:
+                    per_peer[self._peer] -= 1
+                    if per_peer[self._peer] <= 0:
+                        del per_peer[self._peer]
+                    self._peer = None
 
         def received(self, data: bytes) -> bool:
             result = bool(super().received(data))
@@ -354,25 +458,72 @@ def request_deadline_channel(request_timeout: float) -> type:
                 self._partial_since = time.monotonic()
             return result
 
-        def readable(self) -> bool:
-            if (
-                self._partial is not None
-                and not self.will_close
-                and time.monotonic() - self._partial_since > request_timeout
+        def service(self) -> None:
+            # A release ends an enclave's exchange: close the connection after answering it
+            # (with "Connection: close", as if the client had asked), so the next exchange
+            # connects anew and lands on whichever worker is free. Kept-alive connections
+            # otherwise stay with the worker that accepted them, however busy it is.
+            request = self.requests[0] if self.requests else None
+            if request is not None and not request.error and request.path == RELEASE_PATH:
+                request.headers["CONNECTION"] = "close"
+            super().service()
+
+        def _expired(self, now: float) -> str | None:
+            partial = self._partial
+            if partial is not None:
+                since = now - self._partial_since
+                if not partial.headers_finished and since > settings.header_timeout:
+                    return f"its request head did not arrive within {settings.header_timeout:g} s"
+                if since > settings.request_timeout:
+                    return f"its request did not arrive within {settings.request_timeout:g} s"
+            elif (
+                not self.requests
+                and not self.total_outbufs_len
+                and time.time() - self.last_activity > settings.keepalive_timeout
             ):
-                logger.info(
-                    "closing a connection from %s: its request did not arrive within %g s",
-                    self.addr,
-                    request_timeout,
-                )
-                self.will_close = True
+                return f"idle for {settings.keepalive_timeout:g} s between requests"
+            return None
+
+        def readable(self) -> bool:
+            # Asked of every connection at every turn of the server loop: look at the clocks
+            # a few times a second, not at every turn (it showed in profiles under load).
+            now = time.monotonic()
+            if now >= self._next_check and not self.will_close:
+                self._next_check = now + DEADLINE_CHECK_INTERVAL
+                reason = self._expired(now)
+                if reason is not None:
+                    logger.info("closing a connection from %s: %s", self.addr, reason)
+                    self.will_close = True
             return bool(super().readable())
 
-    return RequestDeadlineChannel
+    return DeadlineChannel
 
 
-def create_server(app: KmsApp, settings: ServerSettings) -> Any:
-    """A waitress server bound and listening (not yet serving); ``.run()`` serves."""
+def listen(settings: ServerSettings) -> socket.socket:
+    """The listening socket, bound before any worker starts (all of them accept on it)."""
+    if settings.unix_socket:
+        path = settings.unix_socket
+        with contextlib.suppress(FileNotFoundError):
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a socket left by a KMS that did not stop cleanly
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            sock.bind(path)
+        finally:
+            os.umask(old)
+    else:
+        family = socket.AF_INET6 if ":" in settings.host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((settings.host, settings.port))
+    sock.listen(settings.backlog)
+    sock.set_inheritable(False)
+    return sock
+
+
+def create_server(app: KmsApp, settings: ServerSettings, sock: socket.socket | None = None) -> Any:
+    """A waitress server on ``sock`` (or a new one bound for ``settings``); ``.run()`` serves."""
     from waitress.server import BaseWSGIServer
     from waitress.server import create_server as waitress_server
 
@@ -383,20 +534,18 @@ def create_server(app: KmsApp, settings: ServerSettings) -> Any:
         "channel_timeout": settings.channel_timeout,
         # How often idle connections are looked for (waitress's default is every 30 s).
         "cleanup_interval": 1,
+        # poll(2), not select(2): no FD_SETSIZE ceiling under a connection flood.
+        "asyncore_use_poll": True,
         "connection_limit": settings.connection_limit,
+        "backlog": settings.backlog,
         "ident": "mock-kms",
         "clear_untrusted_proxy_headers": True,
+        "sockets": [sock if sock is not None else listen(settings)],
     }
-    if settings.unix_socket:
-        options["unix_socket"] = settings.unix_socket
-        options["unix_socket_perms"] = "600"
-    else:
-        options["host"] = settings.host
-        options["port"] = settings.port
     socket_map: dict[int, Any] = {}
     server = waitress_server(app, map=socket_map, **options)
     # waitress takes no connection class as an option: set it on each listening socket.
-    channel = request_deadline_channel(settings.request_timeout)
+    channel = deadline_channel(settings)
     for dispatcher in socket_map.values():
         if isinstance(dispatcher, BaseWSGIServer):
             dispatcher.channel_class = channel

@@ -12,7 +12,7 @@ The order of checks, each with its own error code, is:
 2. the attestation document (:class:`~mock_kms.verifier.AttestationVerifier`: signature,
    chain, age, debug);
 3. the nonce inside it: issued by this KMS (any replica sharing the root secret), not
-   expired, not seen before by this process;
+   expired, not seen before by any worker or replica sharing the replay store;
 4. the binding: ``user_data`` must be the digest of exactly this request;
 5. the attested public key, which must be a key of the requested suite;
 6. the allowlist on chain, which gives the application id (unreachable chain: 503);
@@ -22,11 +22,11 @@ The order of checks, each with its own error code, is:
 from __future__ import annotations
 
 import base64
-import collections
 import contextlib
 import dataclasses
 import datetime
 import errno
+import fcntl
 import hashlib
 import hmac
 import json
@@ -47,6 +47,7 @@ from mock_kms.chain import format_application
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
 from mock_kms.provenance import ProvenanceIssuer, has_statement
+from mock_kms.replay import MemoryReplayStore, ReplayStore, Verdict
 from mock_kms.state import KmsState
 from mock_kms.verifier import AttestationVerifier, VerifiedAttestation
 
@@ -64,8 +65,6 @@ class ReleaseSettings:
     """Time limits of the protocol (defaults in docs/protocol.md)."""
 
     nonce_lifetime: float = 30.0
-    # Challenges outstanding at once: bounds the memory of the replay set.
-    max_outstanding_nonces: int = 100_000
 
     def __post_init__(self) -> None:
         if not 0 < self.nonce_lifetime <= 600:
@@ -77,16 +76,22 @@ class NonceBook:
 
     A nonce is self-authenticating: a MAC (keyed from the root secret) over its issue time and
     randomness, so any replica with the same state directory can check it without shared
-    storage. Single use is enforced per process: a used nonce is remembered until it expires,
-    so the set never holds more than the nonces of one lifetime.
+    storage. Single use is the replay store's (:mod:`mock_kms.replay`): shared by every
+    worker and restart (SQLite) or every replica (Redis), it remembers a used nonce until the
+    nonce's own expiry, and a clock step back cannot revive one.
     """
 
-    def __init__(self, key: bytes, settings: ReleaseSettings, clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        key: bytes,
+        settings: ReleaseSettings,
+        clock: Clock = time.time,
+        store: ReplayStore | None = None,
+    ) -> None:
         self._key = key
         self._settings = settings
         self._clock = clock
-        self._used: collections.OrderedDict[bytes, float] = collections.OrderedDict()
-        self._lock = threading.Lock()
+        self.store = store if store is not None else MemoryReplayStore()
 
     def _mac(self, body: bytes) -> bytes:
         return hmac.new(self._key, body, hashlib.sha256).digest()[:16]
@@ -98,7 +103,8 @@ class NonceBook:
         return body + self._mac(body), expires_ms
 
     def accept(self, nonce: bytes | None) -> None:
-        """Accept ``nonce`` once, or raise InvalidError with the reason."""
+        """Accept ``nonce`` once, or raise InvalidError with the reason (UnavailableError if
+        the replay store cannot answer)."""
         if nonce is None:
             raise InvalidError(
                 ErrorCode.NONCE_MISSING,
@@ -116,30 +122,27 @@ class NonceBook:
                 ErrorCode.NONCE_INVALID,
                 "attestation nonce: not issued by this KMS (its MAC does not verify)",
             )
-        issued = struct.unpack(">Q", body[1:9])[0] / 1000
+        issued_ms = struct.unpack(">Q", body[1:9])[0]
+        issued = issued_ms / 1000
         now = self._clock()
-        expires = issued + self._settings.nonce_lifetime
-        if now > expires:
-            raise InvalidError(
-                ErrorCode.NONCE_EXPIRED,
-                f"attestation nonce: expected a challenge at most "
-                f"{self._settings.nonce_lifetime:g} s old; found one {now - issued:.1f} s old",
-            )
+        expires_ms = issued_ms + int(self._settings.nonce_lifetime * 1000)
+        expired = InvalidError(
+            ErrorCode.NONCE_EXPIRED,
+            f"attestation nonce: expected a challenge at most "
+            f"{self._settings.nonce_lifetime:g} s old; found one {now - issued:.1f} s old",
+        )
+        if now * 1000 > expires_ms:
+            raise expired
         if issued > now + LIMITS.clock_skew.total_seconds():
             raise InvalidError(ErrorCode.NONCE_INVALID, "attestation nonce: issued in the future")
-        with self._lock:
-            while self._used and next(iter(self._used.values())) < now:
-                self._used.popitem(last=False)
-            if nonce in self._used:
-                raise InvalidError(
-                    ErrorCode.NONCE_REPLAYED,
-                    "attestation nonce: this challenge was already used; ask for a new one",
-                )
-            if len(self._used) >= self._settings.max_outstanding_nonces:
-                raise UnavailableError(
-                    ErrorCode.OVERLOADED, "too many releases in one nonce lifetime; retry"
-                )
-            self._used[nonce] = expires
+        verdict = self.store.claim(nonce, expires_ms=expires_ms, now_ms=int(now * 1000))
+        if verdict is Verdict.EXPIRED:
+            raise expired
+        if verdict is Verdict.REPLAYED:
+            raise InvalidError(
+                ErrorCode.NONCE_REPLAYED,
+                "attestation nonce: this challenge was already used; ask for a new one",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -252,13 +255,15 @@ class AuditLog:
     next batch. :meth:`record` returns only once its own line is durable, and raises if that
     batch failed: every release in it is refused.
 
-    Every batch opens the file (``O_APPEND``), writes, fsyncs and closes it. Keeping no
+    Every batch opens the file (``O_APPEND``), locks it (``flock``: several workers or KMS
+    processes may append to one file), writes, fsyncs and closes it. Keeping no
     descriptor open between batches means that a file system can be remounted read-only while
     the KMS runs (Linux refuses to while a file on it is open for writing) and that a rotated
     log (renamed away) is followed by a new file at ``path``. Lines stay whole:
 
     - a write that fails part way (a full disk takes what fits) is cut off again with
-      ``ftruncate`` to the length the file had, so a refused batch leaves nothing behind;
+      ``ftruncate`` to the length the file had when this batch took the lock (no other
+      writer can have appended since), so a refused batch leaves nothing behind;
     - a file that does not end in a newline (the machine crashed in the middle of a line, or
       a truncation failed) gets one before the next record, and the KMS logs that it did, so
       the torn line stays one unparsable line and every later record is a whole line.
@@ -342,6 +347,10 @@ class AuditLog:
     def _append(self, path: Path, data: bytes) -> None:
         fd = self._open(path)
         try:
+            # Other processes (workers, a second KMS) append to the same file: the lock makes
+            # "measure, write, take back" one step, so the length measured here is still the
+            # file's when a failed write is cut back to it.
+            fcntl.flock(fd, fcntl.LOCK_EX)
             size = os.fstat(fd).st_size
             if self._torn(fd):
                 data = b"\n" + data
@@ -374,6 +383,7 @@ class ReleaseService:
         clock: Clock = time.time,
         debug_application: bytes | None = None,
         provenance: ProvenanceIssuer | None = None,
+        replay_store: ReplayStore | None = None,
     ) -> None:
         self.verifier = verifier
         self.allowlist = allowlist
@@ -386,15 +396,17 @@ class ReleaseService:
         self.clock = clock
         # Issues the provenance statement of each typed key (None: releases carry none).
         self.provenance = provenance
-        self.nonces = NonceBook(state.nonce_key, self.settings, clock)
+        self.nonces = NonceBook(state.nonce_key, self.settings, clock, replay_store)
 
     def challenge(self) -> dict[str, Any]:
         nonce, expires_ms = self.nonces.issue()
         return {"nonce": protocol.b64e(nonce), "expires_at_ms": expires_ms}
 
     def ready(self) -> dict[str, Any]:
-        """Readiness: secrets loaded (by construction) and the chain answering."""
+        """Readiness: secrets loaded (by construction), the chain and the replay store
+        answering."""
         self.allowlist.check_ready()
+        self.nonces.store.check_ready()
         return {"status": "ready", "identity": self.state.identity_text}
 
     def release(self, body: Any, timings: Timings | None = None) -> ReleaseOutcome:

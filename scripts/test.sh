@@ -19,12 +19,14 @@ fi
 # update, then one install): socat, the other real vsock/unix-to-TCP proxy (end-to-end proxy
 # tests); age, the stock age CLI (sealed data interop, both ways); time, /usr/bin/time, which
 # measures a child's own peak RSS (constant-memory unseal test, benchmarks); systemd
-# (systemd-analyze), which verifies the example unit (examples/kms).
+# (systemd-analyze), which verifies the example unit (examples/kms); redis-server, the
+# replay store shared by KMS replicas, started by the tests.
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
 command -v age >/dev/null 2>&1 || missing+=(age)
 [ -x /usr/bin/time ] || missing+=(time)
 command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing ${missing[*]}"

@@ -498,7 +498,7 @@ RSS_BOUND_KIB = 1024
 
 
 def test_challenge_flood_keeps_memory_bounded_and_releases_served(setup: Setup) -> None:
-    kms = setup.kms().start().wait_listening()
+    kms = setup.kms("--workers", "1").start().wait_listening()  # the process that serves
     assert kms.proc is not None
     assert flood(kms.url, 2_000, 4) == []  # warm-up: every code path and buffer in use
     assert release_once(setup, kms.url).error is None

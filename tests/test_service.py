@@ -625,9 +625,10 @@ def test_invalid_error_is_not_retryable() -> None:
 
 
 def test_too_many_outstanding_nonces_is_unavailable(clock: Clock) -> None:
+    from mock_kms.replay import MemoryReplayStore
     from mock_kms.service import NonceBook
 
-    book = NonceBook(b"k" * 32, ReleaseSettings(max_outstanding_nonces=2), clock)
+    book = NonceBook(b"k" * 32, ReleaseSettings(), clock, MemoryReplayStore(max_entries=2))
     book.accept(book.issue()[0])
     book.accept(book.issue()[0])
     with pytest.raises(UnavailableError) as err:
