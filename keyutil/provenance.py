@@ -200,14 +200,27 @@ def _text(obj: Mapping[str, Any], field: str, pattern: re.Pattern[str], what: st
     return value
 
 
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose member names are distinct: with a name twice, parsers disagree
+    on which value counts (Python's the last, others the first), so such text is refused."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _malformed("a member name appears twice")
+    return obj
+
+
 def parse_statement(data: bytes | str | Mapping[str, Any]) -> ProvenanceStatement:
     """A statement from its JSON (bytes, text or a decoded object); only its form is checked."""
     if isinstance(data, bytes | str):
         if len(data) > MAX_STATEMENT_SIZE:
             raise _malformed(f"expected at most {MAX_STATEMENT_SIZE} bytes; found {len(data)}")
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+            obj = json.loads(data, object_pairs_hook=_unique_members)
+        except ProvenanceError:
+            raise
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: "[[[[..." nested deeper than the interpreter's stack, well
+            # within the size limit; a statement is one flat object.
             raise _malformed("expected a JSON object") from None
     else:
         obj = data

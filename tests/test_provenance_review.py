@@ -1,0 +1,100 @@
+"""What an attacker's review of the provenance statements found (issue 12 follow-up): hostile
+statement text that must be refused with a stable code, never a traceback, and never read one
+way here and another way by a verifier in another language."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from e2e_support import KEYUTIL
+from eth_account import Account
+
+from keyutil import protocol as p
+from keyutil.provenance import ProvenanceError, parse_statement, verify_statement
+from mock_kms import signer
+from mock_kms.provenance import ProvenanceIssuer, SignerChoice
+from mock_kms.state import KmsState
+
+APP = b"app-a".ljust(32, b"\0")
+CONTRACT = "0x" + "5a" * 20
+
+
+@pytest.fixture
+def state() -> KmsState:
+    return KmsState(bytes(range(32)), ed25519.Ed25519PrivateKey.generate())
+
+
+@pytest.fixture
+def issuer(state: KmsState, tmp_path: Path) -> ProvenanceIssuer:
+    account = Account.create()
+
+    class Ring(signer.SignerKeyring):
+        def account(self, address: str) -> Any:
+            return account
+
+    registered = signer.RegisteredSigner(read=lambda: account.address)
+    return ProvenanceIssuer(state, 31337, CONTRACT, SignerChoice(registered, Ring(tmp_path)))
+
+
+def _pin_text(state: KmsState) -> str:
+    return state.identity_text
+
+
+# --- hostile JSON text ------------------------------------------------------------------
+
+
+@pytest.fixture
+def stock_recursion_limit() -> Iterator[None]:
+    """The interpreter's default limit, which `keyutil` runs with; importing eth_account
+    (py_ecc) raises it to 100000 for the whole test process."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(old)
+
+
+@pytest.mark.usefixtures("stock_recursion_limit")
+@pytest.mark.parametrize("text", [b"[" * 4000, b'{"v":' * 600 + b"1" + b"}" * 600])
+def test_deeply_nested_text_is_malformed_not_a_recursion_error(text: bytes) -> None:
+    assert len(text) <= 4096
+    with pytest.raises(ProvenanceError) as e:
+        parse_statement(text)
+    assert e.value.code == "statement_malformed"
+
+
+def test_a_member_twice_is_refused_whichever_copy_is_genuine(
+    state: KmsState, issuer: ProvenanceIssuer
+) -> None:
+    genuine = issuer.issue(APP, p.KeyRequest("wallet", 32, "secp256k1"))
+    text = json.dumps(genuine)
+    other = '"application": "0x' + "11" * 32 + '"'
+    # A first-wins parser would read the forged application, Python's the genuine one: the
+    # same bytes must not mean two things, so both orders are refused.
+    for forged in ("{" + other + ", " + text[1:], text[:-1] + ", " + other + "}"):
+        with pytest.raises(ProvenanceError) as e:
+            verify_statement(forged.encode(), state.identity.public_key())
+        assert e.value.code == "statement_malformed"
+        assert "twice" in e.value.message
+    verify_statement(text.encode(), state.identity.public_key())
+
+
+def test_verify_provenance_cli_deep_nesting_exits_6_without_traceback(
+    state: KmsState, tmp_path: Path
+) -> None:
+    path = tmp_path / "deep.json"
+    path.write_bytes(b"[" * 3000)
+    # A real process: its recursion limit is the default one, not the test process's.
+    run = subprocess.run(
+        [KEYUTIL, "verify-provenance", "--kms-pubkey", _pin_text(state), "--json", str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 6, run.stderr
+    assert json.loads(run.stdout.splitlines()[0])["error"] == "statement_malformed"
+    assert "Traceback" not in run.stderr
