@@ -98,3 +98,10 @@ def test_verify_provenance_cli_deep_nesting_exits_6_without_traceback(
     assert run.returncode == 6, run.stderr
     assert json.loads(run.stdout.splitlines()[0])["error"] == "statement_malformed"
     assert "Traceback" not in run.stderr
+
+
+def test_fuzz_run_runs_the_provenance_target(capsys: pytest.CaptureFixture[str]) -> None:
+    from fuzz.run import main
+
+    assert main(["provenance", "--runs", "30", "--seed", "3"]) == 0
+    assert json.loads(capsys.readouterr().out)["execs"] == 30
