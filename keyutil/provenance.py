@@ -189,6 +189,25 @@ def statement_eip712(statement: ProvenanceStatement) -> dict[str, Any]:
 # --- parse ----------------------------------------------------------------------------------
 
 
+def parse_application(text: str) -> bytes:
+    """An application id as the allowlist contract stores it: ``0x`` + 64 hex digits, or a
+    name of 1 to 32 printable ASCII characters, left-aligned and zero-padded (the rule of
+    ``mock_kms.chain.parse_application``, which this package cannot import). The zero id is
+    reserved. ValueError otherwise."""
+    if text.startswith(("0x", "0X")):
+        if not re.fullmatch(r"0x[0-9a-fA-F]{64}", text):
+            raise ValueError("expected 0x + 64 hex digits")
+        value = bytes.fromhex(text[2:])
+    elif 1 <= len(text) <= 32 and all(0x20 <= ord(c) <= 0x7E for c in text):
+        value = text.encode("ascii").ljust(32, b"\0")
+    else:
+        raise ValueError("expected a name of 1 to 32 printable ASCII characters or 0x + 64 hex")
+    if not any(value):
+        raise ValueError("the zero application id is reserved")
+    return value
+
+
+
 def _malformed(message: str) -> ProvenanceError:
     return ProvenanceError("statement_malformed", message)
 

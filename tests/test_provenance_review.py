@@ -105,3 +105,38 @@ def test_fuzz_run_runs_the_provenance_target(capsys: pytest.CaptureFixture[str])
 
     assert main(["provenance", "--runs", "30", "--seed", "3"]) == 0
     assert json.loads(capsys.readouterr().out)["execs"] == 30
+
+
+# --- verify-provenance --application ------------------------------------------------------
+
+
+@pytest.mark.parametrize("given", ["0x" + "zz" * 32, "0x" + "ab" * 31, "0xabc", "é" * 3,
+                                   "0X" + APP.hex(),
+                                   "x" * 33, "", "0x" + "00" * 32])
+def test_verify_provenance_refuses_a_bad_application_as_usage(
+    state: KmsState, issuer: ProvenanceIssuer, tmp_path: Path, given: str
+) -> None:
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(issuer.issue(APP, p.KeyRequest("signing", 32, "ed25519"))))
+    run = subprocess.run(
+        [KEYUTIL, "verify-provenance", "--kms-pubkey", _pin_text(state), "--application",
+         given, str(path)], capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 2, run.stderr
+    assert "--application" in run.stderr and "Traceback" not in run.stderr
+
+
+@pytest.mark.parametrize("given", ["app-a", "0x" + APP.hex(), "0x" + APP.hex().upper()])
+def test_verify_provenance_application_as_the_chain_writes_it(
+    state: KmsState, issuer: ProvenanceIssuer, tmp_path: Path, given: str
+) -> None:
+    from mock_kms.chain import parse_application
+
+    assert parse_application(given) == APP
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(issuer.issue(APP, p.KeyRequest("signing", 32, "ed25519"))))
+    run = subprocess.run(
+        [KEYUTIL, "verify-provenance", "--kms-pubkey", _pin_text(state), "--application",
+         given, str(path)], capture_output=True, text=True, timeout=60,
+    )
+    assert run.returncode == 0, run.stderr
