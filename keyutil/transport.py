@@ -320,6 +320,6 @@ class HttpTransport:
             conn.close()
         try:
             parsed: Any = json.loads(data) if data else None
-        except ValueError:  # UnicodeDecodeError included
+        except (ValueError, RecursionError):  # UnicodeDecodeError included; "[[[[..." too deep
             parsed = None
         return HttpResponse(status=status, json=parsed)

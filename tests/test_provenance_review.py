@@ -140,3 +140,39 @@ def test_verify_provenance_application_as_the_chain_writes_it(
          given, str(path)], capture_output=True, text=True, timeout=60,
     )
     assert run.returncode == 0, run.stderr
+
+
+# --- the host answers for the KMS -----------------------------------------------------------
+
+
+@pytest.mark.usefixtures("stock_recursion_limit")
+def test_a_response_nested_too_deep_is_not_json_not_a_recursion_error() -> None:
+    """The host can answer any request of the enclave (a statement travels in the answer):
+    JSON nested deeper than the stack reads as no JSON (bad_response upstream)."""
+    import http.server
+    import threading
+
+    from keyutil.transport import HttpTransport
+
+    class Deep(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = b"[" * 50_000
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Deep)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        transport = HttpTransport.from_url(f"http://127.0.0.1:{server.server_address[1]}")
+        response = transport.request("GET", "/v1/health", timeout=10)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert response.status == 200 and response.json is None
