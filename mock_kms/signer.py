@@ -93,6 +93,9 @@ class SignerKeyring:
         self.directory = state_dir / SIGNERS_DIR
         self._clock = clock
         self._lock = threading.Lock()
+        # The parsed key of each file, while the file (inode, time, mode, size) is unchanged:
+        # parsing derives the public key, a pure-Python curve multiplication per statement.
+        self._loaded: dict[Path, tuple[tuple[int, ...], LocalAccount]] = {}
 
     def __repr__(self) -> str:
         return f"SignerKeyring({str(self.directory)!r})"
@@ -135,27 +138,38 @@ class SignerKeyring:
 
     def account(self, address: str) -> LocalAccount:
         """The key of ``address``; ``signer_unavailable`` when this KMS does not hold it."""
-        from mock_kms.state import _read_private
-
         for _, held, path in self._files():
             if held.lower() == address.lower():
-                try:
-                    key = _read_private(path).decode().strip()
-                    account: LocalAccount = Account.from_key(key)
-                except (OSError, ValueError, UnicodeDecodeError):
-                    raise UnavailableError(
-                        ErrorCode.SIGNER_UNAVAILABLE, f"{path}: not a readable signer key"
-                    ) from None
-                if account.address != held:
-                    raise UnavailableError(
-                        ErrorCode.SIGNER_UNAVAILABLE, f"{path}: the key is not {held}'s"
-                    )
-                return account
+                return self._load(path, held)
         raise UnavailableError(
             ErrorCode.SIGNER_UNAVAILABLE,
             f"the registered signer {address} is not among this KMS's signer keys "
             f"({self.directory}); register one of them with kms-gov set-signer",
         )
+
+    def _load(self, path: Path, held: str) -> LocalAccount:
+        from mock_kms.state import _read_private
+
+        try:
+            info = path.stat()
+            version = (info.st_ino, info.st_mtime_ns, info.st_mode, info.st_size)
+            with self._lock:
+                loaded = self._loaded.get(path)
+            if loaded is not None and loaded[0] == version:
+                return loaded[1]
+            key = _read_private(path).decode().strip()
+            account: LocalAccount = Account.from_key(key)
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise UnavailableError(
+                ErrorCode.SIGNER_UNAVAILABLE, f"{path}: not a readable signer key"
+            ) from None
+        if account.address != held:
+            raise UnavailableError(
+                ErrorCode.SIGNER_UNAVAILABLE, f"{path}: the key is not {held}'s"
+            )
+        with self._lock:
+            self._loaded[path] = (version, account)
+        return account
 
 
 def sign_typed(account: LocalAccount, message: Mapping[str, Any]) -> bytes:

@@ -176,3 +176,89 @@ def test_a_response_nested_too_deep_is_not_json_not_a_recursion_error() -> None:
         server.server_close()
         thread.join()
     assert response.status == 200 and response.json is None
+
+
+# --- the cost of GET /v1/provenance (public, unauthenticated) -----------------------------
+
+
+def test_a_statement_asked_again_is_not_signed_again(
+    state: KmsState, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from mock_kms import provenance as kms_provenance
+
+    signed: list[str] = []
+    real_sign = kms_provenance.sign_typed
+
+    def counting_sign(account: Any, message: Any) -> bytes:
+        signed.append(account.address)
+        return real_sign(account, message)
+
+    monkeypatch.setattr(kms_provenance, "sign_typed", counting_sign)
+    old, new = Account.create(), Account.create()
+    current = [old]
+
+    class Ring(signer.SignerKeyring):
+        def account(self, address: str) -> Any:
+            return next(a for a in (old, new) if a.address == address)
+
+    registered = signer.RegisteredSigner(read=lambda: current[0].address, max_staleness=0)
+    issuer = ProvenanceIssuer(state, 31337, CONTRACT,
+                              SignerChoice(registered, Ring(tmp_path)))
+    fresh = ProvenanceIssuer(state, 31337, CONTRACT, SignerChoice(registered, Ring(tmp_path)))
+    key = p.KeyRequest("wallet", 32, "secp256k1")
+    first = issuer.issue(APP, key)
+    first["application"] = "0x" + "11" * 32  # a caller's change does not reach the cache
+    again = issuer.issue(APP, key)
+    assert signed == [old.address]
+    # What the cache gives is byte for byte what a fresh issuer makes (deterministic).
+    assert again == fresh.issue(APP, key)
+    verify_statement(again, state.identity.public_key())
+    # Rotation: the new signer's statement is made afresh, by the new signer.
+    current[0] = new
+    rotated = issuer.issue(APP, key)
+    assert rotated["signer"] == new.address and signed[-1] == new.address
+    # Another key of the same application is its own entry.
+    assert issuer.issue(APP, p.KeyRequest("wallet", 32, "ed25519"))["type"] == "ed25519"
+
+
+def test_the_statement_cache_is_bounded(state: KmsState, issuer: ProvenanceIssuer) -> None:
+    from mock_kms.provenance import _StatementCache
+
+    small = ProvenanceIssuer(state, issuer.chain_id, issuer.contract, issuer.signer,
+                             cache=_StatementCache(3))
+    for i in range(10):
+        small.issue(APP, p.KeyRequest(f"k{i}", 32, "ed25519"))
+    assert len(small.cache._items) == 3
+
+
+def test_the_signer_key_is_parsed_once_while_its_file_is_unchanged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import os
+
+    from mock_kms.errors import UnavailableError
+
+    ring = signer.SignerKeyring(tmp_path)
+    address = ring.new()
+    parsed: list[str] = []
+    real = signer.Account.from_key
+
+    def counting(key: Any) -> Any:
+        parsed.append("x")
+        return real(key)
+
+    monkeypatch.setattr(signer.Account, "from_key", counting)
+    assert ring.account(address).address == address
+    assert ring.account(address).address == address
+    assert len(parsed) == 1
+    path = next(ring.directory.iterdir())
+    # A file made readable to others is refused as before, not served from memory.
+    os.chmod(path, 0o644)
+    with pytest.raises(UnavailableError) as e:
+        ring.account(address)
+    assert e.value.code == "state_invalid"
+    # A file removed: this KMS no longer holds the key.
+    path.unlink()
+    with pytest.raises(UnavailableError) as e:
+        ring.account(address)
+    assert e.value.code == "signer_unavailable"
