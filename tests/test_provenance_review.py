@@ -15,6 +15,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ed25519
 from e2e_support import KEYUTIL
 from eth_account import Account
+from test_provenance_contract import onchain  # noqa: F401  (the fixture: eth-tester, anvil)
 
 from keyutil import protocol as p
 from keyutil.provenance import ProvenanceError, parse_statement, verify_statement
@@ -262,3 +263,30 @@ def test_the_signer_key_is_parsed_once_while_its_file_is_unchanged(
     with pytest.raises(UnavailableError) as e:
         ring.account(address)
     assert e.value.code == "signer_unavailable"
+
+
+# --- on chain: the zero signer --------------------------------------------------------------
+
+
+def test_after_unregistering_no_signature_verifies_not_even_one_ecrecover_maps_to_zero(
+    onchain: Any,  # noqa: F811  (the fixture imported above)
+) -> None:
+    """With signer() zero, a malformed signature (signerOf gives the zero address, as
+    ecrecover does for a point it cannot recover) must not match it: belongsTo checks
+    the registered signer is set. Pins that guard, for both chains."""
+    from test_provenance_contract import ZERO, belongs, make_statement
+
+    c = onchain
+    kms = Account.create()
+    c.send(signer.set_signer_request(c.allowlist, kms.address))
+    s = make_statement(c, kms)
+    app = bytes.fromhex(s.message["message"]["application"][2:])
+    assert belongs(c, app, s) is True
+    c.send(signer.set_signer_request(c.allowlist, ZERO))
+    account = Account.from_key(bytes(31) + b"\x01").address  # any account
+    for sig in (s.signature, bytes(65), bytes(64) + b"\x1b", s.signature[:64] + b"\x00",
+                b"", s.signature + b"\x00"):
+        assert c.check.functions.signerOf(s.struct(), sig).call() in (ZERO, kms.address)
+        assert belongs(c, app, s, signature=sig) is False
+        assert c.check.functions.isApplicationAccount(app, account, s.struct(), sig).call() \
+            is False
