@@ -18,6 +18,7 @@ from eth_account import Account
 from test_provenance_contract import onchain  # noqa: F401  (the fixture: eth-tester, anvil)
 
 from keyutil import protocol as p
+from keyutil import provenance
 from keyutil.provenance import ProvenanceError, parse_statement, verify_statement
 from mock_kms import signer
 from mock_kms.provenance import ProvenanceIssuer, SignerChoice
@@ -290,3 +291,27 @@ def test_after_unregistering_no_signature_verifies_not_even_one_ecrecover_maps_t
         assert belongs(c, app, s, signature=sig) is False
         assert c.check.functions.isApplicationAccount(app, account, s.struct(), sig).call() \
             is False
+
+
+# --- the KMS identity signs two kinds of bytes: neither passes for the other ----------------
+
+
+def test_a_statement_signature_is_no_answer_signature_and_vice_versa(
+    state: KmsState, issuer: ProvenanceIssuer
+) -> None:
+    pin = state.identity.public_key()
+    statement = issuer.issue(APP, p.KeyRequest("wallet", 32, "secp256k1"))
+    # The statement, taken for an answer body: same members, same signature.
+    with pytest.raises(p.ProtocolError) as e:
+        p.verify_answer(pin, statement)
+    assert e.value.code == "answer_unauthenticated"
+    # An answer signature over exactly the statement's members, taken for a statement.
+    body = {k: v for k, v in statement.items() if k != "signature"}
+    as_answer = p.sign_answer(state.identity, body)
+    assert p.verify_answer(pin, as_answer) == body
+    with pytest.raises(ProvenanceError) as f:
+        verify_statement(as_answer, pin)
+    assert f.value.code == "statement_unauthenticated"
+    # Contexts: neither is a prefix of the other, and both end before the 0x00 separator.
+    contexts = {p.ANSWER_CONTEXT, provenance.STATEMENT_CONTEXT}
+    assert all(b"\x00" not in c for c in contexts) and len(contexts) == 2
