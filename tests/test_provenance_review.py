@@ -112,18 +112,24 @@ def test_fuzz_run_runs_the_provenance_target(capsys: pytest.CaptureFixture[str])
 # --- verify-provenance --application ------------------------------------------------------
 
 
+def _verify_ed25519_statement(state: KmsState, issuer: ProvenanceIssuer, tmp_path: Path,
+                              *options: str) -> subprocess.CompletedProcess[str]:
+    """`keyutil verify-provenance OPTIONS FILE` (a real process) on a genuine statement."""
+    path = tmp_path / "s.json"
+    path.write_text(json.dumps(issuer.issue(APP, p.KeyRequest("signing", 32, "ed25519"))))
+    return subprocess.run(
+        [KEYUTIL, "verify-provenance", "--kms-pubkey", _pin_text(state), *options, str(path)],
+        capture_output=True, text=True, timeout=60,
+    )
+
+
 @pytest.mark.parametrize("given", ["0x" + "zz" * 32, "0x" + "ab" * 31, "0xabc", "é" * 3,
                                    "0X" + APP.hex(),
                                    "x" * 33, "", "0x" + "00" * 32])
 def test_verify_provenance_refuses_a_bad_application_as_usage(
     state: KmsState, issuer: ProvenanceIssuer, tmp_path: Path, given: str
 ) -> None:
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(issuer.issue(APP, p.KeyRequest("signing", 32, "ed25519"))))
-    run = subprocess.run(
-        [KEYUTIL, "verify-provenance", "--kms-pubkey", _pin_text(state), "--application",
-         given, str(path)], capture_output=True, text=True, timeout=60,
-    )
+    run = _verify_ed25519_statement(state, issuer, tmp_path, "--application", given)
     assert run.returncode == 2, run.stderr
     assert "--application" in run.stderr and "Traceback" not in run.stderr
 
@@ -135,12 +141,7 @@ def test_verify_provenance_application_as_the_chain_writes_it(
     from mock_kms.chain import parse_application
 
     assert parse_application(given) == APP
-    path = tmp_path / "s.json"
-    path.write_text(json.dumps(issuer.issue(APP, p.KeyRequest("signing", 32, "ed25519"))))
-    run = subprocess.run(
-        [KEYUTIL, "verify-provenance", "--kms-pubkey", _pin_text(state), "--application",
-         given, str(path)], capture_output=True, text=True, timeout=60,
-    )
+    run = _verify_ed25519_statement(state, issuer, tmp_path, "--application", given)
     assert run.returncode == 0, run.stderr
 
 
