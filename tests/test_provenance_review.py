@@ -316,3 +316,23 @@ def test_a_statement_signature_is_no_answer_signature_and_vice_versa(
     # Contexts: neither is a prefix of the other, and both end before the 0x00 separator.
     contexts = {p.ANSWER_CONTEXT, provenance.STATEMENT_CONTEXT}
     assert all(b"\x00" not in c for c in contexts) and len(contexts) == 2
+
+
+def test_the_fuzz_target_nests_deep_under_keyutils_recursion_limit() -> None:
+    """The provenance fuzz target now makes "nest" mutants and checks them with the
+    recursion limit keyutil has: it finds the RecursionError of the merged parser."""
+    import collections
+
+    from fuzz.mutate import RandomChooser
+    from fuzz.provenance_target import ProvenanceTarget
+
+    target = ProvenanceTarget()
+    chooser = RandomChooser(7)
+    kinds: collections.Counter[str] = collections.Counter()
+    nested = 0
+    for _ in range(600):
+        execution = target.one(chooser)
+        kinds[execution.kind] += 1
+        nested += "nest" in execution.ops
+    assert nested > 0 and kinds["crash"] == 0, kinds
+    assert sys.getrecursionlimit() >= 100_000  # restored: eth_account's, in this process
