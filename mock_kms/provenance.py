@@ -43,6 +43,10 @@ class SignerChoice:
 # secp256k1 statement costs two curve multiplications in pure Python (eth-keys' native
 # backend), some 30 times an identity request; the same statement asked again costs a lookup.
 STATEMENT_CACHE_SIZE = 4096
+# At most this many statements made at once for GET /v1/provenance (cache misses); more are
+# 503 overloaded at once, so that a flood of new names holds neither the worker threads nor
+# more of the GIL than this. Releases (attested) are not counted.
+PUBLIC_CONCURRENCY = 2
 
 _CacheKey = tuple[bytes, str, str, str | None]
 
@@ -87,9 +91,16 @@ class ProvenanceIssuer:
     cache: _StatementCache = dataclasses.field(
         default_factory=lambda: _StatementCache(STATEMENT_CACHE_SIZE), compare=False,
         repr=False)
+    public_slots: threading.BoundedSemaphore = dataclasses.field(
+        default_factory=lambda: threading.BoundedSemaphore(PUBLIC_CONCURRENCY), compare=False,
+        repr=False)
 
-    def issue(self, application: bytes, key: KeyRequest) -> dict[str, Any]:
-        """The signed statement of ``key`` of ``application`` (a type with a public half)."""
+    def issue(self, application: bytes, key: KeyRequest, *, public: bool = False
+              ) -> dict[str, Any]:
+        """The signed statement of ``key`` of ``application`` (a type with a public half).
+        ``public``: asked without attestation (GET /v1/provenance), so a statement not in the
+        cache is made only if one of :data:`PUBLIC_CONCURRENCY` slots is free, else 503
+        ``overloaded``."""
         account = None
         if key.type in provenance.ONCHAIN_TYPES:
             if self.signer is None:
@@ -101,7 +112,15 @@ class ProvenanceIssuer:
         cached = self.cache.get(cache_key)
         if cached is not None:
             return dict(cached)
-        statement = self._make(application, key, account)
+        if public and not self.public_slots.acquire(blocking=False):
+            raise UnavailableError(
+                ErrorCode.OVERLOADED, "too many provenance statements being made; retry"
+            )
+        try:
+            statement = self._make(application, key, account)
+        finally:
+            if public:
+                self.public_slots.release()
         self.cache.put(cache_key, statement)
         return dict(statement)
 

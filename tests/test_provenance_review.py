@@ -336,3 +336,51 @@ def test_the_fuzz_target_nests_deep_under_keyutils_recursion_limit() -> None:
         nested += "nest" in execution.ops
     assert nested > 0 and kinds["crash"] == 0, kinds
     assert sys.getrecursionlimit() >= 100_000  # restored: eth_account's, in this process
+
+
+def test_public_statements_being_made_are_capped_503_overloaded_releases_are_not(
+    state: KmsState, issuer: ProvenanceIssuer, tmp_path: Path
+) -> None:
+    """GET /v1/provenance makes at most PUBLIC_CONCURRENCY new statements at once; beyond,
+    503 overloaded at once (no worker thread held); what is cached is still served, and a
+    release's statement (attested) is never refused for it."""
+    import io
+
+    from mock_kms import provenance as kms_provenance
+    from mock_kms.allowlist import EmbeddedAllowlist
+    from mock_kms.errors import UnavailableError
+    from mock_kms.server import KmsApp
+    from mock_kms.service import ReleaseService
+    from mock_kms.verifier import AttestationVerifier
+
+    service = ReleaseService(verifier=AttestationVerifier.aws(),
+                             allowlist=EmbeddedAllowlist.create(), state=state,
+                             provenance=issuer)
+    app = KmsApp(service)
+
+    def get(name: str) -> tuple[str, Any]:
+        status: list[str] = []
+        environ = {"REQUEST_METHOD": "GET", "PATH_INFO": "/v1/provenance",
+                   "QUERY_STRING": f"application=app-a&name={name}&type=secp256k1",
+                   "wsgi.input": io.BytesIO()}
+        body = json.loads(b"".join(app(environ, lambda s, h: status.append(s))))
+        return status[0], body
+
+    assert get("cached")[0].startswith("200")
+    held = [issuer.public_slots.acquire(blocking=False)
+            for _ in range(kms_provenance.PUBLIC_CONCURRENCY)]
+    assert all(held)
+    try:
+        status, body = get("new")
+        assert status.startswith("503") and body["error"] == "overloaded"
+        with pytest.raises(UnavailableError):
+            issuer.issue(APP, p.KeyRequest("new", 32, "secp256k1"), public=True)
+        assert get("cached")[0].startswith("200")
+        # The release path: not counted.
+        made = issuer.issue(APP, p.KeyRequest("new", 32, "secp256k1"))
+        verify_statement(made, state.identity.public_key())
+    finally:
+        for _ in held:
+            issuer.public_slots.release()
+    status, body = get("other")
+    assert status.startswith("200") and body["name"] == "other"
