@@ -123,7 +123,10 @@ class SignerKeyring:
 
         account: LocalAccount = Account.create()
         with self._lock:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The state directory too, as `mock-kms serve` makes it (parents=True alone would
+            # make it with the umask's mode when `signer show` runs first).
+            self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, exist_ok=True)
             stamp = max([int(self._clock() * 1000), *(int(c) + 1 for c, _, _ in self._files())])
             path = self.directory / f"{stamp:013d}-{account.address}.key"
             _write_secret(path, ("0x" + bytes(account.key).hex() + "\n").encode())

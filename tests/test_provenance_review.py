@@ -384,3 +384,23 @@ def test_public_statements_being_made_are_capped_503_overloaded_releases_are_not
             issuer.public_slots.release()
     status, body = get("other")
     assert status.startswith("200") and body["name"] == "other"
+
+
+def test_signer_show_on_a_fresh_state_dir_makes_it_0700_like_serve(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    state_dir = tmp_path / "fresh" / "state"
+    old = os.umask(0o022)
+    try:
+        run = subprocess.run([str(Path(KEYUTIL).parent / "mock-kms"), "signer", "show",
+                              "--state-dir", str(state_dir)],
+                             capture_output=True, text=True, timeout=60)
+    finally:
+        os.umask(old)
+    assert run.returncode == 0, run.stderr
+    for path in (state_dir, state_dir / "signers"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+    (key,) = (state_dir / "signers").iterdir()
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert key.read_text().strip()[2:] not in run.stdout + run.stderr
