@@ -40,7 +40,7 @@ from web3 import Web3
 from web3.contract import Contract
 
 from mock_kms import chain
-from mock_kms.errors import ErrorCode, UnavailableError
+from mock_kms.errors import ErrorCode, KmsError, UnavailableError
 
 SIGNERS_DIR = "signers"
 _KEY_FILE = re.compile(r"\A(\d{13})-(0x[0-9a-fA-F]{40})\.key\Z")
@@ -184,26 +184,54 @@ def sign_typed(account: LocalAccount, message: Mapping[str, Any]) -> bytes:
 # --- which key signs --------------------------------------------------------------------
 
 
+# How long a failed read of the registered signer is answered from memory (at most the
+# revocation delay): GET /v1/provenance is public, and without it every request for a
+# secp256k1 statement during an RPC outage was one more RPC call, each holding a worker
+# thread up to the RPC timeout.
+FAILED_READ_KEPT = 1.0
+
+
 @dataclasses.dataclass
 class RegisteredSigner:
     """The signer registered on chain, read through ``read`` and kept at most
-    ``max_staleness`` seconds (the revocation delay): a rotation takes effect within it."""
+    ``max_staleness`` seconds (the revocation delay): a rotation takes effect within it.
+    One read at a time (callers meanwhile wait for its answer); a failed read's error is
+    kept :data:`FAILED_READ_KEPT` seconds (no longer than ``max_staleness``)."""
 
     read: Callable[[], str]
     max_staleness: float = 2.0
     clock: Callable[[], float] = time.monotonic
-    _cached: tuple[float, str] | None = None
+    _cached: tuple[float, str | KmsError] | None = None
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _reading: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def _fresh(self, now: float) -> str | KmsError | None:
+        with self._lock:
+            if self._cached is None:
+                return None
+            read_at, value = self._cached
+            keep = self.max_staleness
+            if isinstance(value, KmsError):
+                keep = min(keep, FAILED_READ_KEPT)
+            return value if now - read_at < keep else None
 
     def current(self) -> str:
-        now = self.clock()
-        with self._lock:
-            if self._cached is not None and now - self._cached[0] < self.max_staleness:
-                return self._cached[1]
-        address = self.read()
-        with self._lock:
-            self._cached = (now, address)
-        return address
+        found = self._fresh(self.clock())
+        if found is None:
+            with self._reading:
+                now = self.clock()
+                found = self._fresh(now)  # read by another thread while this one waited
+                if found is None:
+                    try:
+                        found = self.read()
+                    except KmsError as e:
+                        found = e
+                    with self._lock:
+                        self._cached = (now, found)
+        if isinstance(found, KmsError):
+            # A new instance each time: one raised again and again grows its traceback.
+            raise type(found)(found.code, found.message) from None
+        return found
 
     def forget(self) -> None:
         with self._lock:

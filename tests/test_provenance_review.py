@@ -404,3 +404,60 @@ def test_signer_show_on_a_fresh_state_dir_makes_it_0700_like_serve(tmp_path: Pat
     (key,) = (state_dir / "signers").iterdir()
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert key.read_text().strip()[2:] not in run.stdout + run.stderr
+
+
+# --- the registered signer's reads: public requests must not multiply RPC calls -------------
+
+
+def test_a_failed_signer_read_is_kept_a_moment_not_repeated_per_request() -> None:
+    from mock_kms.errors import ErrorCode, UnavailableError
+
+    now = [0.0]
+    reads: list[float] = []
+    up = [False]
+
+    def read() -> str:
+        reads.append(now[0])
+        if not up[0]:
+            raise UnavailableError(ErrorCode.CHAIN_UNAVAILABLE, "the RPC endpoint failed")
+        return "0x" + "01" * 20
+
+    registered = signer.RegisteredSigner(read=read, max_staleness=2.0, clock=lambda: now[0])
+    for _ in range(50):  # 50 public requests in the same instant of an outage
+        with pytest.raises(UnavailableError) as e:
+            registered.current()
+        assert e.value.code == "chain_unavailable"
+    assert len(reads) == 1
+    up[0] = True
+    now[0] = signer.FAILED_READ_KEPT - 0.01
+    with pytest.raises(UnavailableError):
+        registered.current()
+    now[0] = signer.FAILED_READ_KEPT
+    assert registered.current() == "0x" + "01" * 20
+    assert len(reads) == 2
+
+
+def test_concurrent_callers_share_one_signer_read() -> None:
+    import threading
+    import time
+
+    reads: list[int] = []
+    gate = threading.Event()
+
+    def slow_read() -> str:
+        reads.append(1)
+        gate.wait(5)
+        return "0x" + "02" * 20
+
+    registered = signer.RegisteredSigner(read=slow_read, max_staleness=2.0)
+    results: list[str] = []
+    threads = [threading.Thread(target=lambda: results.append(registered.current()))
+               for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)  # all eight are in current(): one reading, seven waiting for it
+    gate.set()
+    for thread in threads:
+        thread.join(10)
+    assert results == ["0x" + "02" * 20] * 8
+    assert len(reads) == 1
