@@ -107,6 +107,13 @@ def main() -> int:
         deep.check_ready()
         results["cache miss, anvil, confirmations=1 (2 RPCs)"] = measure(
             lambda: require_allowed(deep, IMAGE), args.n)
+        # The read alone, two ways (docs/adr/0003): the KMS's path (selector and types from
+        # the ABI, eth_abi, one w3.eth.call) and web3's contract.functions.imageStatus().call().
+        bound = chain.contract(Web3(HTTPProvider(url), middleware=[]), address)
+        results["imageStatus read, KMS path"] = measure(
+            lambda: chain.read_image_status(bound, IMAGE), args.n)
+        results["imageStatus read, contract.functions...call()"] = measure(
+            lambda: bound.functions.imageStatus(IMAGE).call(), args.n)
     finally:
         proc.terminate()
         proc.wait(10)

@@ -14,7 +14,6 @@ import gc
 import json
 import os
 import platform
-import re
 import signal
 import socket
 import subprocess
@@ -30,6 +29,7 @@ import cryptography
 from cryptography import x509
 from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives.asymmetric import ec
+from prometheus_client.parser import text_string_to_metric_families
 
 VENV_BIN = Path(sys.executable).parent
 PYTHON = str(VENV_BIN / "python")
@@ -38,7 +38,6 @@ MOCK_KMS = str(VENV_BIN / "mock-kms")
 
 Op = Callable[[], object]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*(?:\{[^}]*\})?)\s+(\S+)$")
 
 
 def environment() -> dict[str, Any]:
@@ -128,12 +127,13 @@ def cpu_seconds(pid: int, *, with_children: bool = False) -> float:
 
 
 def parse_metrics(text: str) -> dict[str, float]:
-    """Prometheus text exposition -> {"name{labels}": value} (comments skipped)."""
+    """Prometheus text exposition -> {'name{label="value",...}': value}, read by
+    prometheus_client's own parser; labels in the order the exposition gives them."""
     values = {}
-    for line in text.splitlines():
-        m = METRIC_LINE.match(line)
-        if m:
-            values[m.group(1)] = float(m.group(2))
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={json.dumps(v)}" for k, v in sample.labels.items())
+            values[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return values
 
 
@@ -230,3 +230,49 @@ def server_metrics(kms: LocalKms) -> dict[str, float]:
     """The KMS's ``/metrics`` now, parsed."""
     with urllib.request.urlopen(kms.url + "/metrics", timeout=10) as r:
         return parse_metrics(r.read().decode())
+
+
+def crossed_ca_document(
+    root: x509.Certificate, attackers: int, at: datetime.datetime
+) -> bytes:
+    """The review's CPU attack on the chain builder (issue 14.4), made at ``at``: a document
+    whose cabundle is a trusted ``root`` (its exact bytes) followed by ``attackers`` CA
+    certificates of one attacker key, all named alike so that each could issue each other
+    (the first one naming ``root`` as its issuer), and a leaf under them that signs the
+    document. No enclave, no AWS key: anyone can send it."""
+    from cryptography.hazmat.primitives import hashes
+
+    from keyutil.simulator import der, encode_map, make_leaf, new_key, payload_fields, sign1
+
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Attacker CA")])
+    usage = x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+        encipher_only=False, decipher_only=False,
+    )
+    cas = [
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(root.subject if i == 0 else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(at - datetime.timedelta(days=1))
+        .not_valid_after(at + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(key, hashes.SHA384())
+        for i in range(attackers)
+    ]
+    leaf_key = new_key()
+    module_id = "i-0123456789abcdef0-enc0123456789abcdef"
+    leaf = make_leaf(
+        module_id=module_id, key=leaf_key, issuer=cas[-1], issuer_key=key,
+        not_before=at - datetime.timedelta(seconds=3), not_after=at + datetime.timedelta(hours=3),
+    )
+    fields = payload_fields(
+        module_id=module_id, timestamp_ms=int(at.timestamp() * 1000),
+        pcrs={i: bytes([i + 1]) * 48 for i in range(16)}, certificate=der(leaf),
+        cabundle=[der(root)] + [der(c) for c in cas], public_key=None, user_data=None, nonce=None,
+    )
+    return sign1(encode_map(fields), leaf_key)

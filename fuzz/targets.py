@@ -749,10 +749,17 @@ def error_shape_problem(status: int, answer: Any) -> str:
     return "" if status == expected else f"status {status} for code {code} (expected {expected})"
 
 
+def _answer_target(corpus: Corpus, mutator: Mutator) -> Target:
+    from fuzz.answer_target import AnswerTarget  # the client side; it imports this module
+
+    return AnswerTarget(corpus, mutator)
+
+
 TARGETS: dict[str, Callable[[Corpus, Mutator], Target]] = {
     "parser": ParserTarget,
     "verifier": VerifierTarget,
     "release": ReleaseTarget,
+    "answer": _answer_target,
 }
 
 
@@ -765,7 +772,19 @@ def _provenance_target(corpus: Corpus, mutator: Mutator) -> Target:
 TARGETS["provenance"] = _provenance_target
 
 
+SEALED_TARGET_NAMES = ("sealed", "dotenv", "recipient")
+
+
 def make_target(name: str, corpus: Corpus | None = None) -> Target:
+    if name == "logwire":  # needs no attestation corpus
+        from fuzz.logwire import LogWireTarget
+
+        return LogWireTarget()
+    if name in SEALED_TARGET_NAMES:
+        # fuzz/sealed.py imports this module; its targets need no corpus of documents.
+        from fuzz.sealed import SEALED_TARGETS
+
+        return SEALED_TARGETS[name]()
     corpus = corpus or Corpus.create()
     return TARGETS[name](corpus, Mutator(corpus))
 

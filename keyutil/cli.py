@@ -12,7 +12,8 @@ and ``KEYUTIL_SIM_DIR`` for every command; the KMS is ``KEYUTIL_KMS`` and its id
 ``KEYUTIL_KMS_PUBKEY``.
 Exit codes are stable: 0 success, 2 usage, 3 KMS unreachable by the deadline, 4 denied by
 the KMS, 5 NSM error, 6 the KMS answer failed authentication, 7 output error, 8 network
-set-up error (net-up).
+set-up error (net-up), 9 sealed input refused, 10 the app could not be started (run:
+workdir, command).
 """
 
 from __future__ import annotations
@@ -24,10 +25,12 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
+from keyutil.cliutil import EXIT_INTERRUPTED, option_envvars, run, version_option
+from keyutil.events import LOG_LEVELS, format_event
 from keyutil.nsm import NsmError, NsmKind, open_nsm
 
 EXIT_OK = 0
@@ -81,13 +84,17 @@ sim_dir_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@version_option("keyutil")
 def cli() -> None:
     """Attested key release inside an AWS Nitro Enclave.
 
     \b
     Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
     4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
-    7 output error, 8 network set-up error (net-up).
+    7 output error, 8 network set-up error (net-up), 9 sealed input refused,
+    10 the app could not be started (run), 130 interrupted (Ctrl-C). 'keyutil run' exits
+    with the app's own status once it ran.
+    Every option is also an environment variable: its name is shown in each --help.
     """
 
 
@@ -127,12 +134,12 @@ def attest(
     if out is None:
         click.echo(base64.b64encode(document).decode())
         return
-    try:
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_bytes(document)
-        os.replace(tmp, out)
-    except OSError as e:
-        _fail(EXIT_OUTPUT, f"cannot write {out}: {e.strerror}")
+    from keyutil.output import OutputError, write_file
+
+    try:  # a document is not secret: any file system, mode 0644; never through a symlink
+        write_file(out, document, mode=0o644, allow_persistent=True)
+    except OutputError as e:
+        _fail(EXIT_OUTPUT, f"{e.code}: {e.message}")
 
 
 @cli.group()
@@ -175,7 +182,8 @@ def sim_init(
             directory, pcr0=pcr0, pcr1=pcr1, pcr2=pcr2, debug=debug, module_id=module_id
         )
     except NsmError as e:
-        _fail(EXIT_USAGE if e.code == "sim_exists" else EXIT_NSM, f"{e.code}: {e.message}")
+        usage = e.code in ("sim_exists", "sim_invalid")  # an existing directory, a bad id
+        _fail(EXIT_USAGE if usage else EXIT_NSM, f"{e.code}: {e.message}")
         return
     except OSError as e:
         _fail(EXIT_OUTPUT, f"cannot create {directory}: {e.strerror}")
@@ -200,7 +208,6 @@ def sim_init(
 # 'keyutil attest' and 'keyutil sim' do not pay for them.
 
 SUITE_CHOICES = ("x25519", "p384")  # protocol.SUITE_X25519 and SUITE_P384
-LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class EventLog:
@@ -213,13 +220,7 @@ class EventLog:
     def __call__(self, level: str, event: str, fields: Any) -> None:
         if LOG_LEVELS.get(level, 40) < self.threshold:
             return
-        if self.fmt == "json":
-            record = {"ts": round(time.time(), 3), "level": level, "event": event, **fields}
-            line = json.dumps(record, default=str)
-        else:
-            parts = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
-            line = f"keyutil: {level}: {event}" + (f" {parts}" if parts else "")
-        click.echo(line, err=True)
+        click.echo(format_event(self.fmt, level, event, fields), err=True)
 
     def fail(self, exit_code: int, event: str, **fields: Any) -> None:
         self("error", event, {"exit": exit_code, **fields})
@@ -238,7 +239,8 @@ kms_option = click.option(
     "kms_url",
     required=True,
     envvar="KEYUTIL_KMS",
-    help="The KMS: http://HOST:PORT, https://HOST:PORT, unix:///PATH or vsock://CID:PORT.",
+    help="The KMS: http://HOST:PORT, https://HOST[:PORT] (443), unix:///PATH or "
+    "vsock://CID:PORT.",
 )
 kms_ca_option = click.option(
     "--kms-ca",
@@ -271,19 +273,6 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
         ) from None
 
 
-def _identity_text(value: str | None) -> str | None:
-    """``ed25519:...`` as given, or read from ``@FILE``."""
-    if value is None or not value.startswith("@"):
-        return value
-    try:
-        return Path(value[1:]).read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or "not text"
-        raise click.BadParameter(
-            f"cannot read {value[1:]}: {reason}", param_hint="--kms-pubkey"
-        ) from None
-
-
 @cli.command("get-key")
 @kms_option
 @click.option(
@@ -297,6 +286,12 @@ def _identity_text(value: str | None) -> str | None:
     help="UNSAFE: do not check the answer's signature (the nonce and binding still are).",
 )
 @kms_ca_option
+@click.option(
+    "--expect-app",
+    metavar="NAME|0xID",
+    help="The application whose keys this image must get (as registered on chain): an "
+    "answer for any other application is refused (exit 6) and nothing is written.",
+)
 @click.option(
     "--key",
     "key_names",
@@ -327,11 +322,16 @@ def _identity_text(value: str | None) -> str | None:
     default="x25519",
     help="HPKE suite the keys are sealed with.",
 )
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the one key to FILE.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write the one key to FILE, mode 0400; a missing directory (/run/keys) is created "
+    "0700 when its nearest existing ancestor is tmpfs or ramfs.",
+)
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False),
-    help="Write each key to DIR/NAME (DIR must exist).",
+    help="Write each key to DIR/NAME, all or none (DIR created as for --out).",
 )
 @click.option("--stdout", "to_stdout", is_flag=True, help="Write the key(s) to stdout.")
 @click.option(
@@ -345,6 +345,31 @@ def _identity_text(value: str | None) -> str | None:
     "--allow-persistent",
     is_flag=True,
     help="Allow --out/--out-dir on a file system other than tmpfs or ramfs.",
+)
+@click.option(
+    "--unseal",
+    "unseal_source",
+    metavar="IN",
+    help="With one --type age key: open the age file IN (a file, - or https://) with the "
+    "released identity, which is never written anywhere (see 'keyutil unseal').",
+)
+@click.option(
+    "--unseal-to",
+    metavar="PATH|-",
+    help="Where --unseal writes the plaintext: a file (tmpfs, published once the whole "
+    "input authenticated) or - for stdout.",
+)
+@click.option("--via", envvar="KEYUTIL_VIA", help="For --unseal https://: the egress proxy.")
+@click.option(
+    "--source-ca",
+    type=click.Path(exists=True, dir_okay=False),
+    help="For --unseal https://: trust only this CA file.",
+)
+@click.option(
+    "--expect-sha256",
+    metavar="HEX",
+    help="For --unseal: the plaintext's SHA-256, pinned in the image; a file sealed by "
+    "anyone else is refused (see 'keyutil unseal --help').",
 )
 @click.option(
     "--key-format",
@@ -367,6 +392,7 @@ def get_key(
     kms_pubkey: str | None,
     insecure_skip_kms_auth: bool,
     kms_ca: str | None,
+    expect_app: str | None,
     key_names: tuple[str, ...],
     lengths: tuple[int, ...],
     key_types: tuple[str, ...],
@@ -378,6 +404,11 @@ def get_key(
     allow_persistent: bool,
     key_format: str | None,
     provenance_out: str | None,
+    unseal_source: str | None,
+    unseal_to: str | None,
+    via: str | None,
+    source_ca: str | None,
+    expect_sha256: str | None,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
@@ -385,6 +416,10 @@ def get_key(
     verbose: int,
 ) -> None:
     """Release keys from the KMS to this attested enclave and write them out.
+
+    \b
+    With --unseal IN --unseal-to PATH|-: release one age key and open IN with it instead
+    (exit 9 when IN is refused: not for this key, altered or truncated).
 
     \b
     Asks the KMS for a challenge, gets an attestation document from the NSM binding the
@@ -400,6 +435,7 @@ def get_key(
     started = time.monotonic()
     log = EventLog(log_format, verbose)
 
+    from keyutil.api import pinned_identity
     from keyutil.client import (
         AnswerRejected,
         KmsDenied,
@@ -410,18 +446,24 @@ def get_key(
     from keyutil.output import DirSink, FileSink, OutputError, Sink, StdoutSink
     from keyutil.protocol import SUITE_P384, SUITE_X25519, ProtocolError
 
+    if (unseal_source is None) != (unseal_to is None):
+        raise click.UsageError("--unseal IN and --unseal-to PATH|- go together")
+    if unseal_source is not None:
+        to_stdout = True  # for the checks below: the key itself goes nowhere
+        if out is not None or out_dir is not None or key_types != ("age",):
+            raise click.UsageError("--unseal takes one --type age key and no --out/--out-dir")
+    elif via is not None or source_ca is not None or expect_sha256 is not None:
+        raise click.UsageError("--via, --source-ca and --expect-sha256 apply to --unseal only")
     if sum((out is not None, out_dir is not None, to_stdout)) != 1:
         raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
+    if out is not None and len(key_names) > 1:
+        raise click.UsageError("--out writes one key; for several, give --out-dir DIR")
     if fmt != "raw" and not to_stdout:
         raise click.UsageError("--format applies to --stdout only")
-    identity = _identity_text(kms_pubkey)
-    if identity is None and not insecure_skip_kms_auth:
-        raise click.UsageError(
-            "--kms-pubkey (or KEYUTIL_KMS_PUBKEY) is required: without it a host could feed "
-            "this enclave a key of its choosing (--insecure-skip-kms-auth to skip, unsafely)"
-        )
-    if identity is not None and insecure_skip_kms_auth:
-        raise click.UsageError("give --kms-pubkey or --insecure-skip-kms-auth, not both")
+    try:  # the same checks as the Python API, keyutil.get_key
+        identity = pinned_identity(kms_pubkey, insecure_skip_kms_auth)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     try:
         request = ReleaseRequest.build(
             key_names,
@@ -429,6 +471,7 @@ def get_key(
             types=key_types,
             suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
             identity=identity,
+            expect_app=expect_app,
         )
     except ProtocolError as e:
         raise click.UsageError(e.message) from None
@@ -445,10 +488,19 @@ def get_key(
         sink = DirSink(out_dir, allow_persistent=allow_persistent)
     else:
         sink = StdoutSink(sys.stdout.buffer, fmt=fmt)
-    try:
-        sink.check([k.name for k in request.keys])
-    except OutputError as e:
-        log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
+    unsealed: Any = None
+    if unseal_to is not None:
+        from keyutil.sealing import commands as sealing
+
+        if len(request.keys) != 1:
+            raise click.UsageError("--unseal takes one --type age key")
+        unsealed = sealing.check_output(log, unseal_to, allow_persistent)
+        digest = sealing.sha256_option_value(click.get_current_context(), None, expect_sha256)
+    else:
+        try:
+            sink.check([k.name for k in request.keys])
+        except OutputError as e:
+            log.fail(EXIT_OUTPUT, "output_error", code=e.code, message=e.message)
     try:
         nsm = open_nsm(nsm_kind, sim_dir=sim_dir)
         release = release_keys(
@@ -472,6 +524,18 @@ def get_key(
         return
     if provenance_out is not None:
         _write_statement(log, release, provenance_out)
+    if unseal_source is not None:
+        from keyutil.sealing.age import Identity
+
+        try:
+            age_identity = Identity(bytes(release.keys[0].value))
+        finally:
+            release.wipe()
+        sealing.unseal_to(
+            log, [age_identity], unseal_source, unsealed, via=via, source_ca=source_ca,
+            expect_sha256=digest,
+        )
+        return
     # Typed keys are written as their type's file (an age identity), raw keys as bytes.
     files = tuple(k if k.type == "raw" else k.private_file(key_format) for k in release.keys)
     try:
@@ -529,10 +593,18 @@ def health(
     "--to",
     "destination",
     required=True,
-    metavar="HOST:PORT",
+    metavar="URL",
     envvar="KEYUTIL_PROXY_TO",
-    help="The one TCP destination, HOST:PORT (a name or an IP; IPv6 as [ADDR]:PORT). "
-    "A name is resolved afresh for every connection.",
+    help="The one destination: tcp://HOST:PORT or HOST:PORT (a name or an IP; IPv6 as "
+    "[ADDR]:PORT), unix:///PATH, vsock://CID:PORT, or vsock://enclave:NAME:PORT (the "
+    "enclave's CID from 'nitro-cli describe-enclaves'). Names are looked up afresh for "
+    "every connection.",
+)
+@click.option(
+    "--nitro-cli",
+    envvar="KEYUTIL_NITRO_CLI",
+    default="nitro-cli",
+    help="The nitro-cli program that finds vsock://enclave:NAME:PORT destinations.",
 )
 @click.option(
     "--allow",
@@ -583,24 +655,33 @@ def proxy(
     connect_timeout: float,
     grace: float,
     log_format: str,
+    nitro_cli: str,
 ) -> None:
-    """Forward connections from the enclave (vsock) to the KMS over TCP, on the parent instance.
+    """Forward connections between vsock, unix and TCP, in any direction.
 
+    \b
+    On the parent instance:  --listen vsock://:8000 --to kms.example.com:443  (to the KMS)
+                             --listen tcp://0.0.0.0:8080 --to vsock://enclave:app:5001
+    In the enclave ('keyutil run' starts these from its config):
+                             --listen vsock://:5001 --to tcp://127.0.0.1:4000  (inbound)
+                             --listen tcp://127.0.0.1:8443 --to vsock://3:8443  (egress)
     \b
     Bytes only: the keys cross this host sealed to the enclave and the KMS's answer is
     signed, so the proxy never needs, and never logs, what it carries.
     \b
-    The destination must be on the allowlist (--allow and --allowlist together); with
+    A TCP destination must be on the allowlist (--allow and --allowlist together); with
     neither, the allowlist is the destination itself, as typed. Names and addresses are
     compared as written, not resolved. A destination outside it is refused at start
-    (exit 2, nothing listens), and checked again for every connection.
+    (exit 2, nothing listens), and checked again for every connection. unix and vsock
+    destinations are local to the machine and take no allowlist.
     \b
     One log line per connection (event "connection"): peer, destination, dest_address,
     bytes_to_dest, bytes_to_client, duration_s and end: client_closed, dest_closed,
     idle_timeout, over_limit, destination_unreachable, refused, shutdown or error.
     \b
-    Exit codes: 0 stopped by SIGTERM/SIGINT, 2 usage or configuration (refused
-    destination, bad allowlist), 3 cannot listen (address in use, no vsock here).
+    Exit codes: 0 stopped by SIGTERM, 2 usage or configuration (refused
+    destination, bad allowlist), 3 cannot listen (address in use, no vsock here),
+    130 stopped by SIGINT (Ctrl-C), after the same clean shutdown.
     """
     from keyutil import proxy as p
 
@@ -610,19 +691,23 @@ def proxy(
     except p.ProxyConfigError as e:
         raise click.BadParameter(str(e), param_hint="--listen") from None
     try:
-        to = p.parse_hostport(destination)
+        to = p.parse_destination(destination)
     except p.ProxyConfigError as e:
         raise click.BadParameter(str(e), param_hint="--to") from None
-    try:
-        allowlist = p.build_allowlist(to, allow, allowlist_file)
-    except p.ProxyConfigError as e:
-        log.fail(EXIT_USAGE, "allowlist_invalid", message=str(e))
-        return
-    try:
-        allowlist.check(to)
-    except p.Refused as e:
-        log.fail(EXIT_USAGE, "refused", destination=str(to), reason=str(e))
-        return
+    allowlist: p.Allowlist | None = None
+    if isinstance(to, p.HostPort):
+        try:
+            allowlist = p.build_allowlist(to, allow, allowlist_file)
+        except p.ProxyConfigError as e:
+            log.fail(EXIT_USAGE, "allowlist_invalid", message=str(e))
+            return
+        try:
+            allowlist.check(to)
+        except p.Refused as e:
+            log.fail(EXIT_USAGE, "refused", destination=str(to), reason=str(e))
+            return
+    elif allow or allowlist_file:
+        raise click.UsageError("--allow and --allowlist apply to TCP destinations only")
     config = p.ProxyConfig(
         listen=listen_at,
         to=to,
@@ -632,7 +717,9 @@ def proxy(
         connect_timeout=connect_timeout,
         grace=grace,
     )
-    server = p.Proxy(config, log)
+    from keyutil.host.nitro import NitroCli
+
+    server = p.Proxy(config, log, find_enclave=NitroCli(nitro_cli).find_cid)
     try:
         server.open()
     except p.ListenError as e:
@@ -640,9 +727,17 @@ def proxy(
         return
     import signal
 
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        server.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.stop())
+        signal.signal(signum, stop)
     server.serve()
+    if stopped_by[:1] == [signal.SIGINT]:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 @cli.command("net-up")
@@ -700,15 +795,13 @@ def _write_statement(log: Any, release: Any, path: str) -> None:
         log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code="answer_provenance_missing",
                  message="the KMS sent no provenance statement for the typed key")
         return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(statement.to_bytes())
-        os.replace(tmp, target)
-    except OSError as e:
+    from keyutil.output import OutputError, write_file
+
+    try:  # the safe writer: no predictable temporary, never through a symlink
+        write_file(path, statement.to_bytes(), mode=0o644, allow_persistent=True)
+    except OutputError as e:
         release.wipe()
-        log.fail(EXIT_OUTPUT, "output_error", code="provenance_write",
-                 message=f"cannot write {path}: {e.strerror}")
+        log.fail(EXIT_OUTPUT, "output_error", code="provenance_write", message=e.message)
 
 
 @cli.command("verify-provenance")
@@ -738,8 +831,12 @@ def verify_provenance(statement_file: str, kms_pubkey: str, application: str | N
     6 the statement is malformed or does not verify ({"error": CODE, ...} with --json).
     """
     from keyutil import protocol, provenance
+    from keyutil.api import pinned_identity
 
-    identity_text = _identity_text(kms_pubkey)
+    try:
+        identity_text = pinned_identity(kms_pubkey, insecure_skip_kms_auth=False)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--kms-pubkey") from None
     assert identity_text is not None
     try:
         identity = protocol.parse_identity(identity_text)
@@ -778,14 +875,204 @@ def verify_provenance(statement_file: str, kms_pubkey: str, application: str | N
             click.echo(f"{field:<13} {result[field]}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point; ``argv`` lets tests call the CLI in-process."""
-    cli.main(
-        args=list(argv) if argv is not None else None,
-        prog_name="keyutil",
-        auto_envvar_prefix="KEYUTIL",
+# -- the enclave's plumbing: run (in the enclave), logs and wait-ready (on the host) --------
+
+
+@cli.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    envvar="KEYUTIL_RUN_CONFIG",
+    help="The TOML configuration, baked into the image (so it is measured).",
+)
+def run_enclave(config_path: str) -> None:
+    """The enclave's entrypoint (PID 1): set up, release keys, start the app, supervise it.
+
+    \b
+    Steps, in order, each named in the log with its exit code on failure (the app then
+    never starts): log (the bridge to the host), net_up 8, tmpfs 7, keys 3-7 (get-key's
+    codes, failing over between [kms] urls), sealed 3-9, forward 3, host_settings (optional,
+    never fails), workdir 10, app 10. Then it reaps every child, passes SIGTERM/SIGINT to the
+    app and exits with the app's status (128+N after signal N).
+    \b
+    The app's stdout and stderr go to the console and, with [log] to, to the host: the
+    host sees them. Reference: docs/deploy.md.
+    \b
+    Exit codes: the app's own status once it ran; 2 configuration; otherwise the failed
+    step's code above.
+    """
+    from keyutil.enclave.config import ConfigError, load_config
+    from keyutil.enclave.supervisor import Supervisor, become_subreaper
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        EventLog("text", 0).fail(EXIT_USAGE, "step_failed", step="config", message=str(e))
+        return
+    if os.getpid() != 1:
+        become_subreaper()
+    sys.exit(Supervisor(config).run())
+
+
+@cli.command("logs")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="URL",
+    envvar="KEYUTIL_LOGS_LISTEN",
+    help="Where enclaves send their logs: vsock://:PORT, unix:///PATH or tcp://IP:PORT.",
+)
+@click.option(
+    "--append",
+    "append_path",
+    type=click.Path(dir_okay=False),
+    envvar="KEYUTIL_LOGS_APPEND",
+    help="Also append every line to FILE.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Each record on stdout as a text line, or as a JSON object with ts, cid, stream "
+    "and line (events: event and its fields).",
+)
+def logs(listen: str, append_path: str | None, log_format: str) -> None:
+    """Print what enclaves send over the log bridge ('keyutil run' with [log] to).
+
+    \b
+    One line per record on stdout, with the enclave's CID and the stream (supervisor,
+    stdout, stderr); "dropped N lines" when the enclave's buffer overflowed while
+    nothing listened; "connected"/"disconnected" (with the wire error, if any) per
+    connection. Control characters from the enclave are escaped.
+    \b
+    Exit codes: 0 stopped by SIGTERM/SIGINT, 2 usage, 3 cannot listen, 7 cannot open
+    the --append file.
+    """
+    import signal
+    import threading
+
+    from keyutil import proxy as p
+    from keyutil.host.logsink import LogServer, Printer
+
+    log = EventLog("text", 0)
+    try:
+        listen_at = p.parse_listen(listen)
+    except p.ProxyConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--listen") from None
+    try:
+        append = open(append_path, "a", encoding="utf-8") if append_path else None  # noqa: SIM115
+    except OSError as e:
+        log.fail(EXIT_OUTPUT, "append_failed", path=append_path, message=e.strerror)
+        return
+    try:
+        server = LogServer(listen_at, Printer(sys.stdout, log_format, append))
+    except OSError as e:
+        log.fail(EXIT_UNAVAILABLE, "listen_failed", listen=str(listen_at), message=str(e))
+        return
+    log("info", "listening", {"listen": str(listen_at), "append": append_path})
+
+    def stop(*_: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    with server:
+        server.serve_forever(poll_interval=0.2)
+    if append is not None:
+        append.close()
+
+
+@cli.command("wait-ready")
+@click.option(
+    "--target",
+    required=True,
+    metavar="URL",
+    envvar="KEYUTIL_WAIT_READY_TARGET",
+    help="vsock://CID:PORT, vsock://enclave:NAME:PORT, tcp://HOST:PORT or unix:///PATH.",
+)
+@click.option(
+    "--http",
+    "http_path",
+    metavar="PATH",
+    help="GET this path and wait for a 2xx; without it, a connection that stays open.",
+)
+@deadline_option(60.0)
+@click.option(
+    "--nitro-cli",
+    envvar="KEYUTIL_NITRO_CLI",
+    default="nitro-cli",
+    help="The nitro-cli program that finds vsock://enclave:NAME:PORT targets.",
+)
+@log_format_option
+@verbose_option
+def wait_ready_command(
+    target: str,
+    http_path: str | None,
+    deadline: float,
+    nitro_cli: str,
+    log_format: str,
+    verbose: int,
+) -> None:
+    """Wait until the app inside the enclave answers, up to --deadline.
+
+    \b
+    A connected vsock is not a live app: a forwarder accepts whether or not the app
+    behind it is up. Each attempt asks for an answer (--http PATH: a 2xx; otherwise a
+    connection the peer keeps open), with backoff from 0.1 s to 2 s. The target is
+    looked up again at every attempt (an enclave by name follows a restart).
+    \b
+    Exit codes: 0 ready (stdout: {"status": "ready", ...}), 2 usage, 3 not ready by the
+    deadline (stdout: {"status": "not_ready", "error": LAST ERROR}).
+    """
+    from keyutil import proxy as p
+    from keyutil.host.nitro import NitroCli
+    from keyutil.host.ready import GaveUp, check_once, wait_ready
+
+    log = EventLog(log_format, verbose)
+    try:
+        dest = p.parse_destination(target)
+    except p.ProxyConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--target") from None
+    if http_path is not None and not http_path.startswith("/"):
+        raise click.BadParameter("expected a path starting with /", param_hint="--http")
+    finder = NitroCli(nitro_cli).find_cid
+
+    def attempt(n: int, error: str | None) -> None:
+        log("debug", "attempt", {"attempt": n, "error": error})
+
+    result = wait_ready(
+        lambda timeout: check_once(dest, http_path, timeout, find_enclave=finder),
+        deadline,
+        on_attempt=attempt,
     )
+    answer: dict[str, Any] = {"target": target, "attempts": result.attempts}
+    if isinstance(result, GaveUp):
+        click.echo(json.dumps({"status": "not_ready", **answer, "error": result.last_error}))
+        log.fail(EXIT_UNAVAILABLE, "not_ready", attempts=result.attempts, error=result.last_error)
+        return
+    answer.update(elapsed_s=result.elapsed_s, detail=result.detail)
+    click.echo(json.dumps({"status": "ready", **answer}))
+
+
+# The sealing commands (seal, unseal, recipient, exec) live with the age code and reuse this
+# module's options, so they are registered last. Hidden from mypy, which would otherwise see an
+# import cycle and lose the types of those options.
+if not TYPE_CHECKING:
+    from keyutil.sealing.commands import register as _register_sealing
+
+    _register_sealing(cli)
+
+
+# Every option's variable, set on the option so that --help shows it (also under CliRunner).
+ENVVARS = option_envvars(cli, "KEYUTIL")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code. ``argv`` lets tests call the CLI in-process."""
+    return run(cli, argv, prog_name="keyutil", prefix="KEYUTIL")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

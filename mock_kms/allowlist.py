@@ -233,6 +233,7 @@ class RpcAllowlist:
     ) -> None:
         self._w3 = w3
         self._address = chain.parse_address(contract_address)
+        self._contract = chain.contract(w3, self._address)
         self._expected_chain_id = expected_chain_id
         self._settings = settings or ReaderSettings()
         self._clock = clock
@@ -294,7 +295,7 @@ class RpcAllowlist:
             with chain.chain_errors("reading the block number"):
                 head = int(self._w3.eth.block_number)
             block = max(head - self._settings.confirmations, 0)
-        allowed, app = chain.read_image_status(self._w3, self._address, image_hash, block)
+        allowed, app = chain.read_image_status(self._contract, image_hash, block)
         if allowed and app == chain.ZERO32:
             raise UnavailableError(
                 ErrorCode.CHAIN_MISCONFIGURED,
@@ -331,6 +332,7 @@ class EmbeddedAllowlist:
     ) -> None:
         self._w3 = w3
         self._address = chain.parse_address(contract_address)
+        self._contract = chain.contract(w3, self._address)
         self._owner = owner
         self._lock = threading.Lock()  # eth-tester is not thread-safe
         self._cache = StatusCache(settings or ReaderSettings(), clock)
@@ -401,9 +403,8 @@ class EmbeddedAllowlist:
     def _read(self, image_hash: bytes) -> ImageStatus:
         with self._lock:
             # An explicit sender spares the eth-tester provider an eth_accounts round per call.
-            allowed, app = chain.read_image_status(
-                self._w3, self._address, image_hash, sender=self._owner
-            )
+            allowed, app = chain.read_image_status(self._contract, image_hash,
+                                                   sender=self._owner)
         return ImageStatus(allowed=allowed, application=app if allowed else None)
 
     def stats(self) -> CacheStats:

@@ -65,6 +65,7 @@ Exit codes:
   5  the signer is not the owner (or not the pending owner) (not_owner)
   6  the contract refused or reverted the transaction (transaction_reverted)
   7  no usable signing key: missing, malformed, or wrong keystore password
+  130  interrupted (Ctrl-C)
 """
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -196,8 +197,7 @@ def _load_signer(keystore: str | None, *, stdin_busy: bool = False) -> LocalAcco
 
 
 def _check_owner(w3: Web3, contract: str, sender: str, *, pending: bool = False) -> None:
-    selector = chain.SEL_PENDING_OWNER if pending else chain.SEL_OWNER
-    expected = chain.read_address(w3, contract, selector)
+    expected = chain.call(chain.contract(w3, contract), "pendingOwner" if pending else "owner")
     if expected.lower() != sender.lower():
         role = "pending owner" if pending else "owner"
         raise InvalidError(
@@ -233,8 +233,8 @@ def _execute(out: Output, opts: _Write, tx: chain.TxRequest, *, owner_role: str 
         if tx.to is not None:
             # Simulate as the party that will send it, so a multisig is not handed a
             # transaction that reverts.
-            selector = chain.SEL_PENDING_OWNER if owner_role == "pending" else chain.SEL_OWNER
-            sender = chain.read_address(w3, tx.to, selector)
+            role = "pendingOwner" if owner_role == "pending" else "owner"
+            sender = chain.call(chain.contract(w3, tx.to), role)
             chain.eth_call(w3, tx.to, tx.data, sender=sender)
         out.result(tx.to_json(chain_id), json.dumps(tx.to_json(chain_id), sort_keys=True))
         return
@@ -316,8 +316,8 @@ def deploy(owner: str | None, rpc_url: str | None, chain_id: int | None, timeout
               help="Application id: 0x + 64 hex digits, or a name of 1..32 printable ASCII "
               "characters (stored left-aligned, zero-padded). [env KMS_GOV_APP]")
 @click.option("--measurements", type=click.File("r"), metavar="FILE|-",
-              help="nitro-cli build-enclave / describe-eif JSON; the hash is "
-              "sha256(PCR0||PCR1||PCR2). '-' reads stdin.")
+              help="nitro-cli build-enclave / describe-eif JSON (stdout only, not 2>&1); "
+              "the hash is sha256(PCR0||PCR1||PCR2) of 48-byte SHA-384 PCRs. '-' reads stdin.")
 @_contract_option
 @_signing_options
 @_connection_options
@@ -351,7 +351,7 @@ def add_image(image_hash: str | None, app: str, measurements: Any, contract: str
             # Idempotent for release pipelines: re-running the same registration is a no-op.
             w3 = _connect(rpc_url, timeout)
             chain.check_chain(w3, address, chain_id)
-            allowed, current = chain.read_image_status(w3, address, digest)
+            allowed, current = chain.read_image_status(chain.contract(w3, address), digest)
             if allowed and current == application:
                 out.result({**extra, "already_allowed": True},
                            f"0x{digest.hex()} is already allowed for "
@@ -427,7 +427,7 @@ def check(image_hash: str, contract: str | None, rpc_url: str | None, chain_id: 
         address = _require_contract(contract)
         w3 = _connect(rpc_url, timeout)
         chain.check_chain(w3, address, chain_id)
-        allowed, app = chain.read_image_status(w3, address, digest)
+        allowed, app = chain.read_image_status(chain.contract(w3, address), digest)
         result = {
             "image_hash": "0x" + digest.hex(), "allowed": allowed,
             "application": chain.format_application(app) if allowed else None,
@@ -455,12 +455,12 @@ def list_images(from_block: int | None, chunk: int, contract: str | None, rpc_ur
         address = _require_contract(contract)
         w3 = _connect(rpc_url, timeout)
         cid = chain.check_chain(w3, address, chain_id)
-        start = from_block if from_block is not None else chain.read_uint(
-            w3, address, chain.SEL_DEPLOYMENT_BLOCK)
+        allowlist = chain.contract(w3, address)
+        start = from_block if from_block is not None else chain.call(allowlist, "deploymentBlock")
         with chain.chain_errors("reading the block number"):
             head = int(w3.eth.block_number)
         rows: dict[bytes, dict[str, Any]] = {}
-        for event in chain.read_events(w3, address, start, head, chunk):
+        for event in chain.read_events(allowlist, start, head, chunk):
             if event.added and event.application is not None:
                 rows[event.image_hash] = {
                     "image_hash": "0x" + event.image_hash.hex(),
@@ -471,7 +471,7 @@ def list_images(from_block: int | None, chunk: int, contract: str | None, rpc_ur
             elif event.image_hash in rows:
                 rows[event.image_hash]["removed_block"] = event.block
         for digest, row in rows.items():
-            row["allowed"] = chain.read_image_status(w3, address, digest, head)[0]
+            row["allowed"] = chain.read_image_status(allowlist, digest, head)[0]
         images = list(rows.values())
         lines = [
             f"{r['image_hash']}  {r['application']}  added@{r['added_block']}  "
@@ -493,9 +493,9 @@ def info(contract: str | None, rpc_url: str | None, chain_id: int | None, timeou
         address = _require_contract(contract)
         w3 = _connect(rpc_url, timeout)
         cid = chain.check_chain(w3, address, chain_id)
-        owner = chain.read_address(w3, address, chain.SEL_OWNER)
-        pending = chain.read_address(w3, address, chain.SEL_PENDING_OWNER)
-        block = chain.read_uint(w3, address, chain.SEL_DEPLOYMENT_BLOCK)
+        allowlist = chain.contract(w3, address)
+        owner, pending, block = (chain.call(allowlist, f)
+                                 for f in ("owner", "pendingOwner", "deploymentBlock"))
         pending_out = None if int(pending, 16) == 0 else pending
         out.result(
             {"contract": address, "chain_id": cid, "owner": owner,
@@ -553,9 +553,12 @@ def show_signer(contract: str | None, rpc_url: str | None, chain_id: int | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script; returns the exit code (callable in-process by tests)."""
-    try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="kms-gov",
-                 standalone_mode=True)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return EXIT_OK
+    from keyutil.cliutil import run
+
+    return run(
+        cli,
+        argv,
+        prog_name="kms-gov",
+        prefix="KMS_GOV",
+        other_envvars=("KMS_GOV_KEYSTORE_PASSWORD", "KMS_GOV_PRIVATE_KEY"),
+    )

@@ -1,16 +1,17 @@
 #!/usr/bin/env bash
 # compute_os_image_hash.sh: OS_IMAGE_HASH = sha256(PCR0 || PCR1 || PCR2) of an enclave image.
 #
-# The bash/coreutils twin of keyutil.measurements (os_image_hash, pcr_from_hex,
-# pcrs_from_nitro_cli): same output for valid input, and it rejects what those reject.
-# The hash is over the raw PCR bytes, never over their hex text. Needs only bash and
-# coreutils (sha256sum, tr, fold): no jq, xxd, python or openssl. Run with --help for usage.
+# The shell twin of keyutil.measurements (os_image_hash, pcr_from_hex, pcrs_from_nitro_cli):
+# same output for valid input, and it rejects what those reject. The hash is over the raw
+# PCR bytes, never over their hex text. PCR arguments need only bash and coreutils
+# (sha256sum). JSON is read by python3 when the host has it (the parser keyutil uses, so
+# both accept the same documents), else by jq (optional; jq's grammar differs from
+# Python's on NaN/Infinity and nests at most 256 deep, neither of which nitro-cli prints).
+# The reader only extracts values; this script checks them, whichever reader ran.
 set -euo pipefail
-shopt -s lastpipe # the last command of a pipeline runs in this shell (read_input)
-export LC_ALL=C   # byte-wise string handling; the JSON reader below relies on it
+export LC_ALL=C # byte-wise string handling in the PCR checks
 
 readonly EXIT_USAGE=2 EXIT_INVALID=3 EXIT_UNREADABLE=4 EXIT_INTERNAL=1
-readonly MAX_DEPTH=512
 PROG=${0##*/}
 readonly PROG
 
@@ -25,18 +26,20 @@ Usage:
   $PROG --help
 
 Prints OS_IMAGE_HASH = sha256(PCR0 || PCR1 || PCR2) as 0x-prefixed lowercase hex on one
-line. The hash is over the raw PCR bytes (48 bytes each for SHA-384 measurements; 32, 48
-or 64 bytes are accepted, all three of one length), not over the hex text: the value of
+line. The hash is over the raw PCR bytes, not over the hex text: the value of
   sha256sum <<< "\${PCR0}\${PCR1}\${PCR2}"
 hashes ASCII and a newline, and is wrong.
 
-PCR values: hex digits, upper or lower case, with an optional '0x' prefix; surrounding
-whitespace is ignored.
+PCR values: 48 bytes (96 hex digits) each, as Nitro Enclaves measure with SHA-384; 32- or
+64-byte values (SHA-256, SHA-512) are refused, since no Nitro enclave can match them. Upper
+or lower case, an optional '0x' prefix; surrounding whitespace is ignored.
 
 JSON input: an object with a "Measurements" object holding "PCR0", "PCR1" and "PCR2" as
-hex strings (a bare Measurements object is accepted too). Other keys (HashAlgorithm,
-PCR8, EifVersion, Metadata, ...) are ignored; pretty-printed or one-line JSON both work.
-nitro-cli prints its progress lines on stderr and the JSON on stdout: redirect stdout only.
+hex strings (a bare Measurements object is accepted too), and, if present,
+"HashAlgorithm": "Sha384 { ... }". Other keys (PCR8, EifVersion, Metadata, ...) are ignored.
+nitro-cli prints its progress lines on stderr and the JSON on stdout: redirect stdout only
+(not 2>&1). The output of 'nitro-cli describe-enclaves' (running enclaves) is refused:
+take the measurements from the image. Reading JSON needs python3 or, failing that, jq.
 
 Examples:
   $PROG 0x1f2e...(96 hex digits) 3d4c...(96) 5b6a...(96)
@@ -47,10 +50,11 @@ Examples:
 
 Exit codes:
   0  success: the hash is on stdout
-  1  internal failure (e.g. sha256sum missing or misbehaving)
+  1  internal failure: sha256sum missing or misbehaving, or JSON input and neither
+     python3 nor jq on PATH
   2  usage error: wrong number of arguments, unknown option, stdin is a terminal
-  3  invalid input: a PCR is not hex, has an odd number of digits or a wrong length,
-     the three lengths differ, or the JSON does not parse or lacks Measurements.PCR0..2
+  3  invalid input: a PCR is not hex, has an odd number of digits or is not 48 bytes,
+     HashAlgorithm is not Sha384, or the JSON does not parse or lacks Measurements.PCR0..2
   4  the input file cannot be read (missing, a directory, no permission)
 EOF
 }
@@ -65,7 +69,7 @@ die() { # die CODE MESSAGE...
   exit "$code"
 }
 
-# --- PCR hex -> bytes -> hash ----------------------------------------------------------
+# --- PCR hex -> bytes -> hash (plain bash and coreutils) ----------------------------------
 
 # One character Python's str.strip() removes: ASCII whitespace, \x1c-\x1f, and the UTF-8
 # forms of U+0085, U+00A0, U+1680, U+2000-U+200A, U+2028, U+2029, U+202F, U+205F, U+3000.
@@ -74,9 +78,9 @@ RE_PYSPACE+=$'|\xe2\x80[\x80-\x8a\xa8\xa9\xaf]|\xe2\x81\x9f|\xe3\x80\x80)'
 readonly RE_PYSPACE
 readonly RE_HEX='^(0x)?([0-9a-fA-F]*)$'
 
-# pcr_hex NAME TEXT: sets PCR_HEX to the PCR's hex digits, or exits 3.
+# pcr_hex NAME TEXT: sets PCR_HEX to the PCR's 96 hex digits, or exits 3.
 pcr_hex() {
-  local name=$1 text=$2 shown
+  local name=$1 text=$2 shown bytes what="not a digest size Nitro uses"
   if [[ $text =~ ^$RE_PYSPACE+ ]]; then text=${text:${#BASH_REMATCH[0]}}; fi
   if [[ $text =~ $RE_PYSPACE+$ ]]; then text=${text:0:${#text}-${#BASH_REMATCH[0]}}; fi
   shown=${text:0:24}
@@ -87,21 +91,20 @@ pcr_hex() {
   if ((${#PCR_HEX} % 2)); then
     die "$EXIT_INVALID" "$name has an odd number of hex digits (${#PCR_HEX})"
   fi
-  case $((${#PCR_HEX} / 2)) in
-    32 | 48 | 64) ;;
-    *) die "$EXIT_INVALID" "$name must be 32, 48 or 64 bytes; found $((${#PCR_HEX} / 2)) bytes" ;;
+  bytes=$((${#PCR_HEX} / 2))
+  case $bytes in
+    48) return 0 ;;
+    32) what="a SHA-256 value" ;;
+    64) what="a SHA-512 value" ;;
   esac
+  die "$EXIT_INVALID" "$name must be 48 bytes (96 hex digits): Nitro Enclaves measure" \
+    "with SHA-384; found $bytes bytes ($what)"
 }
 
-# hash_pcrs HEX0 HEX1 HEX2: the three PCRs' hex digits (each already checked by pcr_hex)
-# -> checks they have one length, prints 0x || sha256 of their raw bytes.
+# hash_pcrs HEX0 HEX1 HEX2: the three PCRs' hex digits (each checked by pcr_hex)
+# -> prints 0x || sha256 of their raw bytes.
 hash_pcrs() {
-  local all esc="" i out digest
-  if ! [[ ${#1} -eq ${#2} && ${#1} -eq ${#3} ]]; then
-    die "$EXIT_INVALID" "PCR0, PCR1 and PCR2 must have one length; found" \
-      "$((${#1} / 2)), $((${#2} / 2)) and $((${#3} / 2)) bytes"
-  fi
-  all=$1$2$3
+  local all=$1$2$3 esc="" i out digest
   for ((i = 0; i < ${#all}; i += 2)); do
     esc+="\\x${all:i:2}"
   done
@@ -122,303 +125,143 @@ hash_from_args() { # TEXT0 TEXT1 TEXT2
   hash_pcrs "${hex[@]}"
 }
 
-# --- a small strict JSON reader -----------------------------------------------------------
-# Accepts what Python's json.loads accepts (including NaN, Infinity and -Infinity) and keeps
-# only what the Measurements lookup needs: the type and decoded string value of the top-level
-# keys Measurements and PCR0..PCR2, and of PCR0..PCR2 inside the Measurements object.
-# Duplicate keys: the last one wins, as in Python.
-#
-# The input arrives as CHUNKS, lines of at most 256 bytes (see read_input), in which a raw
-# newline is \x02 and a NUL or raw \x02 is \x01. R holds the next unparsed bytes; refill()
-# tops it up one chunk at a time so that every step copies a short string and the whole read
-# stays linear in the input size (bash substrings of a long string are slow).
+# --- JSON: python3 or jq extracts, bash checks -----------------------------------------------
+# Each reader prints either one line "E<TAB>message" (the document is refused), or four lines
+# "A|P<TAB>type<TAB>value": Measurements.HashAlgorithm, then PCR0..PCR2, with type a JSON
+# type name (null when absent), and for strings the value on one line (PCRs stripped as
+# Python's str.strip() does; control characters shown as '?', which is never hex).
 
-readonly RE_WS=$'^[ \t\x02\r]+' # JSON whitespace; \x02 stands for a raw newline
-readonly RE_STR_CHUNK=$'^[^"\\\x01-\x1f]+'
-readonly RE_ESC='^\\(["\\/bfnrt])'
-readonly RE_ESC_U='^\\u([0-9a-fA-F]{4})'
-readonly RE_ESC_LOW='^\\u([dD][c-fC-F][0-9a-fA-F]{2})'
-readonly RE_NUM='^-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?'
+readonly HINT_DESCRIBE="this is \`nitro-cli describe-enclaves\` output (the running \
+enclaves), not an image's measurements: use the JSON of \`nitro-cli build-enclave\` or \
+\`nitro-cli describe-eif --eif-path IMAGE.eif\`"
+readonly HINT_MIXED="nitro-cli prints progress on stderr and the JSON on stdout: capture \
+stdout only (\`> build.json\`, not \`2>&1\`)"
+readonly MAX_DEPTH=512
 
-CHUNKS=() CI=0 READ=0 R="" VT="" VS="" U8="" DEPTH=0 HAS_MEAS=0 MEAS_T=none
-TOP_T=(none none none) TOP_V=("" "" "") M_T=(none none none) M_V=("" "" "")
+read -r -d '' PY_READER <<'PY' || true
+import json, re, sys
+src, hint_describe, hint_mixed, max_depth = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+def emit(*lines):
+    sys.stdout.buffer.write("".join(l + "\n" for l in lines).encode("utf-8", "backslashreplace"))
+    sys.exit(0)
+def oneline(v):
+    return "".join("?" if ord(c) < 32 or c == "\x7f" else c for c in v)
+def row(tag, v, strip):
+    kind = {type(None): "null", bool: "boolean", int: "number", float: "number",
+            str: "string", list: "array", dict: "object"}[type(v)]
+    return "%s\t%s\t%s" % (tag, kind, oneline(v.strip() if strip else v) if kind == "string" else "")
+data = sys.stdin.buffer.read() if src == "-" else open(src, "rb").read()
+try:
+    text = data.decode(json.detect_encoding(data), "surrogatepass")
+except UnicodeDecodeError:
+    emit("E\tnot valid JSON: not UTF-8 text")
+if not text.strip():
+    emit("E\tnot valid JSON: unexpected end of input (the input is empty)")
+depth = deepest = 0  # bounded before parsing: json.loads recurses per level
+for m in re.finditer(r"[\[\]{}]", re.sub(r'"(?:[^"\\]|\\.)*"', "", text, flags=re.S)):
+    depth += 1 if m.group() in "[{" else -1
+    deepest = max(deepest, depth)
+if deepest > max_depth:
+    emit("E\tnot valid JSON: nested deeper than %d levels" % max_depth)
+try:
+    doc = json.loads(text)
+except ValueError as e:
+    first = re.search(r"^[ \t]*[{\[]", text, re.M)
+    mixed = getattr(e, "msg", "") == "Extra data" or (first is not None and first.start() > 0)
+    emit("E\tnot valid JSON: %s%s" % (oneline(str(e)), "; " + hint_mixed if mixed else ""))
+if isinstance(doc, list) and any(
+        isinstance(e, dict) and ("EnclaveID" in e or "EnclaveCID" in e) for e in doc):
+    emit("E\t" + hint_describe)
+if not isinstance(doc, dict):
+    emit("E\texpected a JSON object with a Measurements object")
+m = doc.get("Measurements", doc)
+if not isinstance(m, dict):
+    emit("E\texpected Measurements to be a JSON object")
+emit(row("A", m.get("HashAlgorithm"), False), *[row("P", m.get("PCR%d" % i), True) for i in range(3)])
+PY
+readonly PY_READER
 
-json_fail() {
-  die "$EXIT_INVALID" "not valid JSON (at byte $((READ - ${#R}))): $1"
-}
+read -r -d '' JQ_READER <<'JQ' || true
+def pyspace: (. >= 9 and . <= 13) or (. >= 28 and . <= 32) or . == 133 or . == 160
+  or . == 5760 or (. >= 8192 and . <= 8202) or . == 8232 or . == 8233 or . == 8239
+  or . == 8287 or . == 12288;
+def strip: explode | until(length == 0 or (.[0] | pyspace | not); .[1:])
+  | until(length == 0 or (.[-1] | pyspace | not); .[:-1]) | implode;
+def oneline: explode | map(if . < 32 or . == 127 then 63 else . end) | implode;
+def row($tag; $trim): "\($tag)\t\(type)\t"
+  + (if type == "string" then (if $trim then strip else . end | oneline) else "" end);
+. as $text
+| if test("^\\s*$") then "E\tnot valid JSON: unexpected end of input (the input is empty)"
+  else (try {doc: fromjson} catch {error: sub(" \\(while parsing [\\s\\S]*$"; "")})
+  | if has("error") then
+      "E\tnot valid JSON: \(.error | oneline)"
+      + (if (.error | startswith("Unexpected extra JSON values"))
+            or (($text | test("^[ \\t\\r\\n]*[{\\[]") | not) and ($text | test("\\n[ \\t]*[{\\[]")))
+            or ($text | test("(^|\\n)[ \\t]*[A-Z][a-z]+ "))
+         then "; " + $mixed else "" end)
+    else .doc
+    | if type == "array" and any(.[]; type == "object" and (has("EnclaveID") or has("EnclaveCID")))
+      then "E\t" + $describe
+      elif type != "object" then "E\texpected a JSON object with a Measurements object"
+      elif has("Measurements") and (.Measurements | type) != "object"
+      then "E\texpected Measurements to be a JSON object"
+      else (if has("Measurements") then .Measurements else . end)
+      | (.HashAlgorithm | row("A"; false)), (.PCR0, .PCR1, .PCR2 | row("P"; true))
+      end
+    end
+  end
+JQ
+readonly JQ_READER
 
-refill() { # keeps at least 64 bytes in R while the input lasts
-  while ((${#R} < 64 && CI < ${#CHUNKS[@]})); do
-    R+=${CHUNKS[CI]}
-    READ=$((READ + ${#CHUNKS[CI]}))
-    CI=$((CI + 1))
-  done
-}
-
-refill_all() {
-  while ((CI < ${#CHUNKS[@]})); do
-    R+=${CHUNKS[CI]}
-    READ=$((READ + ${#CHUNKS[CI]}))
-    CI=$((CI + 1))
-  done
-}
-
-skip_ws() {
-  refill
-  while [[ $R =~ $RE_WS ]]; do
-    R=${R:${#BASH_REMATCH[0]}}
-    refill
-  done
-}
-
-# utf8 CODEPOINT: sets U8 to its UTF-8 bytes (U+0000, which bash cannot hold, becomes \x01:
-# like U+0000 it is neither hex nor whitespace).
-utf8() {
-  local cp=$1 fmt
-  if ((cp == 0)); then
-    U8=$'\x01'
-    return 0
-  elif ((cp < 0x80)); then
-    printf -v fmt '\\x%02x' "$cp"
-  elif ((cp < 0x800)); then
-    printf -v fmt '\\x%02x\\x%02x' $((0xC0 | cp >> 6)) $((0x80 | (cp & 0x3F)))
-  elif ((cp < 0x10000)); then
-    printf -v fmt '\\x%02x\\x%02x\\x%02x' $((0xE0 | cp >> 12)) \
-      $((0x80 | (cp >> 6 & 0x3F))) $((0x80 | (cp & 0x3F)))
-  else
-    printf -v fmt '\\x%02x\\x%02x\\x%02x\\x%02x' $((0xF0 | cp >> 18)) \
-      $((0x80 | (cp >> 12 & 0x3F))) $((0x80 | (cp >> 6 & 0x3F))) $((0x80 | (cp & 0x3F)))
-  fi
-  printf -v U8 '%b' "$fmt"
-}
-
-# json_string KEEP: R starts with '"'. With KEEP=1, sets VS to the decoded string (the
-# other strings are checked, not kept).
-json_string() {
-  local keep=$1 c cp lo
-  R=${R:1}
-  VS=""
-  while :; do
-    refill
-    if [[ $R =~ $RE_STR_CHUNK ]]; then
-      if ((keep)); then VS+=${BASH_REMATCH[0]}; fi
-      R=${R:${#BASH_REMATCH[0]}}
-      continue
-    fi
-    c=${R:0:1}
-    if [[ $c == '"' ]]; then
-      R=${R:1}
-      return 0
-    elif [[ $c == "\\" ]]; then
-      if [[ $R =~ $RE_ESC ]]; then
-        case ${BASH_REMATCH[1]} in
-          b) U8=$'\b' ;;
-          f) U8=$'\f' ;;
-          n) U8=$'\n' ;;
-          r) U8=$'\r' ;;
-          t) U8=$'\t' ;;
-          *) U8=${BASH_REMATCH[1]} ;;
-        esac
-        R=${R:2}
-      elif [[ $R =~ $RE_ESC_U ]]; then
-        cp=$((16#${BASH_REMATCH[1]}))
-        R=${R:6}
-        if ((cp >= 0xD800 && cp <= 0xDBFF)) && [[ $R =~ $RE_ESC_LOW ]]; then
-          lo=$((16#${BASH_REMATCH[1]}))
-          cp=$((0x10000 + ((cp - 0xD800) << 10) + lo - 0xDC00))
-          R=${R:6}
-        fi
-        utf8 "$cp"
-      else
-        json_fail "invalid escape in a string"
-      fi
-      if ((keep)); then VS+=$U8; fi
-    elif [[ -z $c ]]; then
-      json_fail "unterminated string"
-    else
-      json_fail "control character in a string"
-    fi
-  done
-}
-
-json_literal() { # WORD
-  if [[ $R == "$1"* ]]; then
-    R=${R:${#1}}
-    VT=$1
-  else
-    json_fail "expected a value"
-  fi
-}
-
-# json_value ROLE: ROLE is top (the document), meas (the top-level Measurements value),
-# keep (a PCR value whose string must be kept) or other. Sets VT, and VS for kept strings.
-json_value() {
-  refill
-  case ${R:0:1} in
-    '{') json_object "$1" ;;
-    '[') json_array ;;
-    '"')
-      if [[ $1 == keep ]]; then json_string 1; else json_string 0; fi
-      VT=string
-      ;;
-    t) json_literal true ;;
-    f) json_literal false ;;
-    n) json_literal null ;;
-    N) json_literal NaN ;;
-    I) json_literal Infinity ;;
-    - | [0-9])
-      if [[ $R =~ $RE_NUM ]] && ((${#BASH_REMATCH[0]} + 4 > ${#R})); then
-        refill_all # a number hundreds of digits long: read it whole
-      fi
-      if [[ $R =~ $RE_NUM ]]; then
-        R=${R:${#BASH_REMATCH[0]}}
-        VT=number
-      elif [[ $R == -Infinity* ]]; then
-        R=${R:9}
-        VT=number
-      else
-        json_fail "expected a value"
-      fi
-      ;;
-    '') json_fail "unexpected end of input" ;;
-    *) json_fail "expected a value" ;;
-  esac
-}
-
-enter() { # consumes '{' or '['
-  DEPTH=$((DEPTH + 1))
-  if ((DEPTH > MAX_DEPTH)); then json_fail "nested deeper than $MAX_DEPTH levels"; fi
-  R=${R:1}
-  skip_ws
-}
-
-json_object() { # ROLE
-  local role=$1 key child idx
-  enter
-  if [[ $role == meas ]]; then
-    M_T=(none none none) M_V=("" "" "")
-  fi
-  if [[ ${R:0:1} == '}' ]]; then
-    R=${R:1}
-  else
-    while :; do
-      [[ ${R:0:1} == '"' ]] || json_fail "expected a key in double quotes"
-      if [[ $role == top || $role == meas ]]; then json_string 1; else json_string 0; fi
-      key=$VS
-      skip_ws
-      [[ ${R:0:1} == : ]] || json_fail "expected ':' after a key"
-      R=${R:1}
-      skip_ws
-      case $role:$key in
-        top:PCR0 | meas:PCR0) idx=0 ;;
-        top:PCR1 | meas:PCR1) idx=1 ;;
-        top:PCR2 | meas:PCR2) idx=2 ;;
-        *) idx=-1 ;;
-      esac
-      child=other
-      if [[ $role:$key == top:Measurements ]]; then
-        child=meas
-      elif ((idx >= 0)); then
-        child=keep
-      fi
-      json_value "$child"
-      if [[ $child == meas ]]; then
-        HAS_MEAS=1 MEAS_T=$VT
-      elif [[ $role == top ]] && ((idx >= 0)); then
-        TOP_T[idx]=$VT TOP_V[idx]=$VS
-      elif [[ $role == meas ]] && ((idx >= 0)); then
-        M_T[idx]=$VT M_V[idx]=$VS
-      fi
-      skip_ws
-      case ${R:0:1} in
-        ,)
-          R=${R:1}
-          skip_ws
-          ;;
-        '}')
-          R=${R:1}
-          break
-          ;;
-        *) json_fail "expected ',' or '}' in an object" ;;
-      esac
-    done
-  fi
-  DEPTH=$((DEPTH - 1))
-  VT=object
-}
-
-json_array() {
-  enter
-  if [[ ${R:0:1} == ']' ]]; then
-    R=${R:1}
-  else
-    while :; do
-      json_value other
-      skip_ws
-      case ${R:0:1} in
-        ,)
-          R=${R:1}
-          skip_ws
-          ;;
-        ']')
-          R=${R:1}
-          break
-          ;;
-        *) json_fail "expected ',' or ']' in an array" ;;
-      esac
-    done
-  fi
-  DEPTH=$((DEPTH - 1))
-  VT=array
-}
-
-# hash_from_json: the document in CHUNKS, read as keyutil.measurements.pcrs_from_nitro_cli
-# reads it, then hash_pcrs.
-hash_from_json() {
-  local types=() values=() hex=() i
-  skip_ws
-  json_value top
-  skip_ws
-  [[ -z $R ]] || json_fail "extra data after the JSON value"
-  [[ $VT == object ]] || die "$EXIT_INVALID" "expected a JSON object with a Measurements object"
-  if ((HAS_MEAS)); then
-    [[ $MEAS_T == object ]] || die "$EXIT_INVALID" "expected Measurements to be a JSON object"
-    types=("${M_T[@]}") values=("${M_V[@]}")
-  else
-    types=("${TOP_T[@]}") values=("${TOP_V[@]}") # a bare Measurements object
-  fi
-  for i in 0 1 2; do
-    if [[ ${types[i]} != string ]]; then
-      die "$EXIT_INVALID" "expected Measurements.PCR$i as a hex string; not found"
-    fi
-    pcr_hex "PCR$i" "${values[i]}"
-    hex[i]=$PCR_HEX
-  done
-  hash_pcrs "${hex[@]}"
-}
-
-# read_input SOURCE: file SOURCE, or stdin for '-', into CHUNKS (see above). NUL (which bash
-# cannot hold) and raw \x02 become \x01, invalid anywhere in JSON as they are; a raw newline
-# becomes \x02, which the reader treats as a newline. coreutils fold cuts 256-byte lines.
-read_input() {
+# read_json SOURCE: the reader's lines for file SOURCE, or stdin for '-'.
+read_json() {
   local src=$1
-  if [[ $src == - ]]; then
-    src=/dev/stdin
+  if command -v python3 >/dev/null 2>&1; then
+    python3 -I -S -c "$PY_READER" "$src" "$HINT_DESCRIBE" "$HINT_MIXED" "$MAX_DEPTH" ||
+      die "$EXIT_INTERNAL" "python3 failed to read the JSON"
+  elif command -v jq >/dev/null 2>&1; then
+    [[ $src != - ]] || src=/dev/stdin
+    jq -R -s -r --arg describe "$HINT_DESCRIBE" --arg mixed "$HINT_MIXED" "$JQ_READER" "$src" ||
+      die "$EXIT_INTERNAL" "jq failed to read the JSON"
   else
+    die "$EXIT_INTERNAL" "reading JSON needs python3 or jq, and neither is on PATH;" \
+      "install one, or give the three PCR values as arguments"
+  fi
+}
+
+# hash_from_source FILE|-: the document read as keyutil.measurements.pcrs_from_nitro_cli
+# reads it, then hash_pcrs.
+hash_from_source() {
+  local src=$1 out lines=() line rest type value hex=() i
+  if [[ $src != - ]]; then
     [[ -n $src ]] || die "$EXIT_USAGE" "empty file name"
     [[ -e $src ]] || die "$EXIT_UNREADABLE" "cannot read '$src': no such file"
     [[ ! -d $src ]] || die "$EXIT_UNREADABLE" "cannot read '$src': it is a directory"
     [[ -r $src ]] || die "$EXIT_UNREADABLE" "cannot read '$src': permission denied"
   fi
-  CHUNKS=()
-  if ! tr '\0\2\n' '\1\1\2' 2>/dev/null <"$src" | fold -b -w 256 | mapfile -t CHUNKS; then
-    die "$EXIT_UNREADABLE" "cannot read '${1/#-/stdin}'"
-  fi
-}
-
-hash_from_source() { # FILE or -
-  read_input "$1"
-  hash_from_json
+  out=$(read_json "$src")
+  mapfile -t lines <<<"$out"
+  if [[ ${lines[0]} == E$'\t'* ]]; then die "$EXIT_INVALID" "${lines[0]#E$'\t'}"; fi
+  ((${#lines[@]} == 4)) || die "$EXIT_INTERNAL" "unexpected output from the JSON reader"
+  for i in 0 1 2 3; do
+    line=${lines[i]}
+    rest=${line#*$'\t'}
+    type=${rest%%$'\t'*}
+    value=${rest#*$'\t'}
+    if ((i == 0)); then
+      if [[ $type == string && $value == Sha384* ]] || [[ $type == null ]]; then continue; fi
+      [[ $type != string ]] || value="\"${value:0:38}\""
+      die "$EXIT_INVALID" "Measurements.HashAlgorithm is $value: Nitro Enclaves measure" \
+        "with SHA-384 (\"Sha384 { ... }\", 48-byte PCRs), so no Nitro enclave can match" \
+        "these values"
+    fi
+    if [[ $type != string ]]; then
+      die "$EXIT_INVALID" "expected Measurements.PCR$((i - 1)) as a hex string; not found"
+    fi
+    pcr_hex "PCR$((i - 1))" "$value"
+    hex[i - 1]=$PCR_HEX
+  done
+  hash_pcrs "${hex[@]}"
 }
 
 main() {

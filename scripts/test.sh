@@ -15,15 +15,25 @@ fi
 if [ -f package.json ]; then
   npm ci --no-audit --no-fund --loglevel=error
 fi
-# socat: the other real vsock/unix-to-TCP proxy, a peer in the end-to-end proxy tests.
-if ! command -v socat >/dev/null 2>&1; then
+# Debian packages of the real peers the tests start, installed when missing (one apt-get
+# update, then one install): socat, the other real vsock/unix-to-TCP proxy (end-to-end proxy
+# tests); age, the stock age CLI (sealed data interop, both ways); time, /usr/bin/time, which
+# measures a child's own peak RSS (constant-memory unseal test, benchmarks); systemd
+# (systemd-analyze), which verifies the example unit (examples/kms).
+missing=()
+command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v age >/dev/null 2>&1 || missing+=(age)
+[ -x /usr/bin/time ] || missing+=(time)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
+if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "== installing socat"
+    echo "== installing ${missing[*]}"
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends socat >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+      "${missing[@]}" >/dev/null
   else
-    echo "scripts/test.sh: socat is missing and cannot be installed here (needs root and" \
-      "apt-get); install the socat package, or its end-to-end tests fail" >&2
+    echo "scripts/test.sh: ${missing[*]} missing and cannot be installed here (needs root" \
+      "and apt-get); install them, or the tests that use them fail or skip" >&2
   fi
 fi
 

@@ -24,3 +24,13 @@ def ms(timestamp_ms: int) -> datetime.datetime:
 @pytest.fixture
 def sim_dir(tmp_path: Path) -> Path:
     return tmp_path / "sim"
+
+
+@pytest.fixture(scope="session")
+def age_cli() -> None:
+    """The stock age CLI (and age-keygen), a real peer of the sealing tests: missing is a
+    failure, not a skip, since scripts/test.sh installs it."""
+    import shutil
+
+    if shutil.which("age") is None or shutil.which("age-keygen") is None:
+        pytest.fail("the age CLI is not installed: scripts/test.sh installs it (apt-get install age)")

@@ -168,7 +168,7 @@ def test_embedded_registers_through_the_contract_as_owner(embedded: EmbeddedAllo
     receipt = embedded.register_image(IMAGE_1, APP)
     assert receipt.gas_used > 21_000
     assert require_allowed(embedded, IMAGE_1) == APP
-    owner = chain.read_address(embedded.w3, embedded.contract_address, chain.SEL_OWNER)
+    owner = chain.call(chain.contract(embedded.w3, embedded.contract_address), "owner")
     assert owner == embedded.owner
 
 
@@ -386,7 +386,7 @@ class ScriptedNode:
                 result = "0x"
             else:
                 allowed, app = self.status
-                result = "0x" + (bytes(31) + bytes([allowed])).hex() + app.hex()
+                result = "0x" + int(allowed).to_bytes(32, "big").hex() + app.hex()
         else:
             result = None
         reply = {"jsonrpc": "2.0", "id": body["id"], "result": result}
@@ -436,6 +436,15 @@ def test_endpoint_failure_at_start_is_unavailable(node: ScriptedNode) -> None:
 
 def test_contract_answering_in_the_wrong_shape_is_misconfigured(node: ScriptedNode) -> None:
     node.mode = "short"
+    with pytest.raises(UnavailableError) as info:
+        require_allowed(_http_reader(node, FakeClock()), IMAGE_1)
+    assert info.value.code == ErrorCode.CHAIN_MISCONFIGURED
+
+
+@pytest.mark.parametrize("flag", [2, 0x100], ids=["bool-2", "bool-padding"])
+def test_contract_answering_a_bool_that_is_not_0_or_1_is_misconfigured(node: ScriptedNode,
+                                                                        flag: int) -> None:
+    node.status = (flag, APP)  # type: ignore[assignment]
     with pytest.raises(UnavailableError) as info:
         require_allowed(_http_reader(node, FakeClock()), IMAGE_1)
     assert info.value.code == ErrorCode.CHAIN_MISCONFIGURED

@@ -216,7 +216,9 @@ def test_a_kms_that_never_answers(nsm: SimulatedNSM, kms: FakeKms) -> None:
         )
         elapsed = time.monotonic() - start
     assert result.exit_code == 3, result.stderr
-    assert elapsed <= 1.5 * 1.1
+    # The deadline bounds the run; the slack is for a loaded machine's scheduling, not retries
+    # (a client that ignored its deadline would wait for the listener forever).
+    assert elapsed <= 1.5 + 1.0
     assert '"timeout"' in result.stderr
 
 

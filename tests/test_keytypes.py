@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -129,7 +128,7 @@ def test_bech32_round_trip_and_refusals() -> None:
             keytypes.bech32_decode(bad, "age")
 
 
-@pytest.mark.skipif(shutil.which("age-keygen") is None, reason="the age package is missing")
+@pytest.mark.usefixtures("age_cli")
 def test_age_identity_is_what_age_keygen_reads(tmp_path: Path) -> None:
     age = keytypes.get("age")
     identity = tmp_path / "id.key"
@@ -147,7 +146,7 @@ def test_age_identity_is_what_age_keygen_reads(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(shutil.which("age-keygen") is None, reason="the age package is missing")
+@pytest.mark.usefixtures("age_cli")
 def test_get_key_type_age_end_to_end(tmp_path: Path) -> None:
     from e2e_support import Setup
 
