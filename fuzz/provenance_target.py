@@ -9,9 +9,9 @@ statements, the hostile bytes `keyutil verify-provenance` and enclaves read.
 
 Seeds are statements a KMS issued (secp256k1 with its EIP-712 part, ed25519, age). A mutant
 changes a field's value (to another type, a near value, a value from another seed), drops or
-adds a field, flips or cuts bytes of the JSON text, or duplicates a key; most mutants are then
-re-signed with the KMS identity, so that the checks behind the Ed25519 signature (form, the
-EIP-712 signature, the address) are reached too.
+adds a field, flips or cuts bytes of the JSON text, duplicates a key, or nests it thousands
+of arrays deep; most mutants are then re-signed with the KMS identity, so that the checks
+behind the Ed25519 signature (form, the EIP-712 signature, the address) are reached too.
 
 Oracle: a refusal must be a :class:`~keyutil.provenance.ProvenanceError` (anything else is a
 ``crash``). An accepted mutant that was not re-signed must mean what its seed means: the same
@@ -25,6 +25,7 @@ the account cover: that signature and that address cannot be made for another ke
 from __future__ import annotations
 
 import json
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from mock_kms import signer
 from mock_kms.provenance import ProvenanceIssuer, SignerChoice
 from mock_kms.state import KmsState
 
+STOCK_RECURSION_LIMIT = 1000  # CPython's default, what `keyutil verify-provenance` runs with
 _VALUES: tuple[Any, ...] = (
     None, True, 0, 1, -1, 2**64, 1.5, "", "0x", "0x" + "00" * 20, "0x" + "ff" * 32,
     "0x04" + "00" * 64, "ed25519:", "secp256k1", "ed25519", "age", "raw", "x" * 5000, [], {},
@@ -119,7 +121,7 @@ class ProvenanceTarget(_Inflight):
             obj = self._resign(obj)
         data = json.dumps(obj).encode()
         if chance(c, 15):
-            op = pick(c, ("flip", "cut", "dup_key", "wrap"))
+            op = pick(c, ("flip", "cut", "dup_key", "wrap", "nest"))
             ops.append(op)
             if op == "flip" and data:
                 i = c.below(len(data))
@@ -128,6 +130,9 @@ class ProvenanceTarget(_Inflight):
                 data = data[: c.below(len(data))]
             elif op == "dup_key":
                 data = data[:-1] + b', "v": 1}'
+            elif op == "nest":  # deeper than keyutil's stack allows, within the size limit
+                depth = 900 + c.below(3000)
+                data = b"[" * depth + data[: max(0, 4000 - depth)]
             else:
                 data = b"[" + data + b"]"
         return data, ops
@@ -146,12 +151,18 @@ class ProvenanceTarget(_Inflight):
             return Execution(self.name, kind, code, ops, data, seed[:40], detail)
 
         self.before(data)
+        # keyutil parses with the interpreter's default recursion limit; importing eth_account
+        # (py_ecc) raised this process's to 100000, which would hide a RecursionError.
+        limit = sys.getrecursionlimit()
+        sys.setrecursionlimit(STOCK_RECURSION_LIMIT)
         try:
             verified = provenance.verify_statement(data, self.pin)
         except provenance.ProvenanceError as e:
             return result("refused", e.code)
         except Exception as e:
             return result("crash", type(e).__name__, traceback.format_exc(limit=8))
+        finally:
+            sys.setrecursionlimit(limit)
         meaning = _meaning(verified.statement)
         if "resign" not in ops and meaning != self.meanings.get(seed):
             return result("accepted_mutant", "accepted", "verified with another meaning")

@@ -36,7 +36,8 @@ INSTRUMENTED = ("mock_kms", "keyutil")
 PRODUCT_MODULES = ("mock_kms.attestation", "mock_kms.verifier", "mock_kms.service",
                    "mock_kms.server", "mock_kms.allowlist", "keyutil.protocol",
                    "keyutil.simulator", "keyutil.sealing.age", "keyutil.sealing.dotenv",
-                   "keyutil.logwire", "keyutil.host.logsink", "keyutil.sealing.recipient")
+                   "keyutil.logwire", "keyutil.host.logsink", "keyutil.sealing.recipient",
+                   "keyutil.provenance")
 
 
 def environment() -> dict[str, Any]:

@@ -855,12 +855,10 @@ def verify_provenance(statement_file: str, kms_pubkey: str, application: str | N
         raise click.BadParameter(e.message, param_hint="--kms-pubkey") from None
     app = None
     if application is not None:
-        raw = application.encode()
-        app = (bytes.fromhex(application[2:]) if application.startswith("0x")
-               and len(application) == 66 else raw.ljust(32, b"\0"))
-        if len(app) != 32:
-            raise click.BadParameter("expected a name of at most 32 characters or 0x + 64 hex",
-                                     param_hint="--application")
+        try:
+            app = provenance.parse_application(application)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint="--application") from None
     try:
         with click.open_file(statement_file, "rb") as fh:
             data = fh.read(provenance.MAX_STATEMENT_SIZE + 1)

@@ -189,6 +189,25 @@ def statement_eip712(statement: ProvenanceStatement) -> dict[str, Any]:
 # --- parse ----------------------------------------------------------------------------------
 
 
+def parse_application(text: str) -> bytes:
+    """An application id as the allowlist contract stores it: ``0x`` + 64 hex digits, or a
+    name of 1 to 32 printable ASCII characters, left-aligned and zero-padded (the rule of
+    ``mock_kms.chain.parse_application``, which this package cannot import). The zero id is
+    reserved. ValueError otherwise."""
+    if text.startswith(("0x", "0X")):
+        if not re.fullmatch(r"0x[0-9a-fA-F]{64}", text):
+            raise ValueError("expected 0x + 64 hex digits")
+        value = bytes.fromhex(text[2:])
+    elif 1 <= len(text) <= 32 and all(0x20 <= ord(c) <= 0x7E for c in text):
+        value = text.encode("ascii").ljust(32, b"\0")
+    else:
+        raise ValueError("expected a name of 1 to 32 printable ASCII characters or 0x + 64 hex")
+    if not any(value):
+        raise ValueError("the zero application id is reserved")
+    return value
+
+
+
 def _malformed(message: str) -> ProvenanceError:
     return ProvenanceError("statement_malformed", message)
 
@@ -200,14 +219,27 @@ def _text(obj: Mapping[str, Any], field: str, pattern: re.Pattern[str], what: st
     return value
 
 
+def _unique_members(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object whose member names are distinct: with a name twice, parsers disagree
+    on which value counts (Python's the last, others the first), so such text is refused."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        raise _malformed("a member name appears twice")
+    return obj
+
+
 def parse_statement(data: bytes | str | Mapping[str, Any]) -> ProvenanceStatement:
     """A statement from its JSON (bytes, text or a decoded object); only its form is checked."""
     if isinstance(data, bytes | str):
         if len(data) > MAX_STATEMENT_SIZE:
             raise _malformed(f"expected at most {MAX_STATEMENT_SIZE} bytes; found {len(data)}")
         try:
-            obj = json.loads(data)
-        except (ValueError, UnicodeDecodeError):
+            obj = json.loads(data, object_pairs_hook=_unique_members)
+        except ProvenanceError:
+            raise
+        except (ValueError, UnicodeDecodeError, RecursionError):
+            # RecursionError: "[[[[..." nested deeper than the interpreter's stack, well
+            # within the size limit; a statement is one flat object.
             raise _malformed("expected a JSON object") from None
     else:
         obj = data

@@ -343,7 +343,7 @@ class KmsApp:
         if any(len(v) != 1 for v in query.values()):
             raise InvalidError(ErrorCode.BAD_REQUEST, "expected each query parameter once")
         app, key = parse_query(*(query.get(f, [None])[0] for f in ("application", "name", "type")))
-        return 200, issuer.issue(app, key)
+        return 200, issuer.issue(app, key, public=True)
 
     def _release(self, environ: Environ) -> tuple[int, Any]:
         started = time.perf_counter()

@@ -40,7 +40,7 @@ from web3 import Web3
 from web3.contract import Contract
 
 from mock_kms import chain
-from mock_kms.errors import ErrorCode, UnavailableError
+from mock_kms.errors import ErrorCode, KmsError, UnavailableError
 
 SIGNERS_DIR = "signers"
 _KEY_FILE = re.compile(r"\A(\d{13})-(0x[0-9a-fA-F]{40})\.key\Z")
@@ -93,6 +93,9 @@ class SignerKeyring:
         self.directory = state_dir / SIGNERS_DIR
         self._clock = clock
         self._lock = threading.Lock()
+        # The parsed key of each file, while the file (inode, time, mode, size) is unchanged:
+        # parsing derives the public key, a pure-Python curve multiplication per statement.
+        self._loaded: dict[Path, tuple[tuple[int, ...], LocalAccount]] = {}
 
     def __repr__(self) -> str:
         return f"SignerKeyring({str(self.directory)!r})"
@@ -120,7 +123,10 @@ class SignerKeyring:
 
         account: LocalAccount = Account.create()
         with self._lock:
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            # The state directory too, as `mock-kms serve` makes it (parents=True alone would
+            # make it with the umask's mode when `signer show` runs first).
+            self.directory.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self.directory.mkdir(mode=0o700, exist_ok=True)
             stamp = max([int(self._clock() * 1000), *(int(c) + 1 for c, _, _ in self._files())])
             path = self.directory / f"{stamp:013d}-{account.address}.key"
             _write_secret(path, ("0x" + bytes(account.key).hex() + "\n").encode())
@@ -135,27 +141,38 @@ class SignerKeyring:
 
     def account(self, address: str) -> LocalAccount:
         """The key of ``address``; ``signer_unavailable`` when this KMS does not hold it."""
-        from mock_kms.state import _read_private
-
         for _, held, path in self._files():
             if held.lower() == address.lower():
-                try:
-                    key = _read_private(path).decode().strip()
-                    account: LocalAccount = Account.from_key(key)
-                except (OSError, ValueError, UnicodeDecodeError):
-                    raise UnavailableError(
-                        ErrorCode.SIGNER_UNAVAILABLE, f"{path}: not a readable signer key"
-                    ) from None
-                if account.address != held:
-                    raise UnavailableError(
-                        ErrorCode.SIGNER_UNAVAILABLE, f"{path}: the key is not {held}'s"
-                    )
-                return account
+                return self._load(path, held)
         raise UnavailableError(
             ErrorCode.SIGNER_UNAVAILABLE,
             f"the registered signer {address} is not among this KMS's signer keys "
             f"({self.directory}); register one of them with kms-gov set-signer",
         )
+
+    def _load(self, path: Path, held: str) -> LocalAccount:
+        from mock_kms.state import _read_private
+
+        try:
+            info = path.stat()
+            version = (info.st_ino, info.st_mtime_ns, info.st_mode, info.st_size)
+            with self._lock:
+                loaded = self._loaded.get(path)
+            if loaded is not None and loaded[0] == version:
+                return loaded[1]
+            key = _read_private(path).decode().strip()
+            account: LocalAccount = Account.from_key(key)
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise UnavailableError(
+                ErrorCode.SIGNER_UNAVAILABLE, f"{path}: not a readable signer key"
+            ) from None
+        if account.address != held:
+            raise UnavailableError(
+                ErrorCode.SIGNER_UNAVAILABLE, f"{path}: the key is not {held}'s"
+            )
+        with self._lock:
+            self._loaded[path] = (version, account)
+        return account
 
 
 def sign_typed(account: LocalAccount, message: Mapping[str, Any]) -> bytes:
@@ -167,26 +184,54 @@ def sign_typed(account: LocalAccount, message: Mapping[str, Any]) -> bytes:
 # --- which key signs --------------------------------------------------------------------
 
 
+# How long a failed read of the registered signer is answered from memory (at most the
+# revocation delay): GET /v1/provenance is public, and without it every request for a
+# secp256k1 statement during an RPC outage was one more RPC call, each holding a worker
+# thread up to the RPC timeout.
+FAILED_READ_KEPT = 1.0
+
+
 @dataclasses.dataclass
 class RegisteredSigner:
     """The signer registered on chain, read through ``read`` and kept at most
-    ``max_staleness`` seconds (the revocation delay): a rotation takes effect within it."""
+    ``max_staleness`` seconds (the revocation delay): a rotation takes effect within it.
+    One read at a time (callers meanwhile wait for its answer); a failed read's error is
+    kept :data:`FAILED_READ_KEPT` seconds (no longer than ``max_staleness``)."""
 
     read: Callable[[], str]
     max_staleness: float = 2.0
     clock: Callable[[], float] = time.monotonic
-    _cached: tuple[float, str] | None = None
+    _cached: tuple[float, str | KmsError] | None = None
     _lock: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+    _reading: threading.Lock = dataclasses.field(default_factory=threading.Lock)
+
+    def _fresh(self, now: float) -> str | KmsError | None:
+        with self._lock:
+            if self._cached is None:
+                return None
+            read_at, value = self._cached
+            keep = self.max_staleness
+            if isinstance(value, KmsError):
+                keep = min(keep, FAILED_READ_KEPT)
+            return value if now - read_at < keep else None
 
     def current(self) -> str:
-        now = self.clock()
-        with self._lock:
-            if self._cached is not None and now - self._cached[0] < self.max_staleness:
-                return self._cached[1]
-        address = self.read()
-        with self._lock:
-            self._cached = (now, address)
-        return address
+        found = self._fresh(self.clock())
+        if found is None:
+            with self._reading:
+                now = self.clock()
+                found = self._fresh(now)  # read by another thread while this one waited
+                if found is None:
+                    try:
+                        found = self.read()
+                    except KmsError as e:
+                        found = e
+                    with self._lock:
+                        self._cached = (now, found)
+        if isinstance(found, KmsError):
+            # A new instance each time: one raised again and again grows its traceback.
+            raise type(found)(found.code, found.message) from None
+        return found
 
     def forget(self) -> None:
         with self._lock:
