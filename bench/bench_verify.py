@@ -12,6 +12,10 @@ this measures:
   which validates the whole cabundle on every call;
 - ``floor_cached`` and ``floor_uncached``: the P-384 ECDSA work that no verifier can skip
   (see :func:`make_floors` for exactly what each contains);
+- ``crafted_5ca`` and ``crafted_7ca``: the cached verifier refusing a document whose cabundle is
+  the AWS root followed by 5 or 7 attacker CAs cross-signing each other (issue 14.4; see
+  ``benchlib.crossed_ca_document``), reported against ``verify_cached`` and ``verify_uncached``
+  (target: at most 2x);
 - ``parse``: ``parse_attestation`` alone, for context;
 - ``leaf_load_key`` and ``p384_verify``: the two building blocks of the floor, for context.
 
@@ -45,7 +49,7 @@ from pathlib import Path
 from typing import TypedDict
 
 import cryptography
-from benchlib import Op, p384_key, run_batch
+from benchlib import Op, crossed_ca_document, p384_key, run_batch
 from cryptography import x509
 from cryptography.hazmat.backends.openssl import backend as openssl_backend
 from cryptography.hazmat.primitives import hashes
@@ -53,6 +57,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from mock_kms.attestation import AttestationDocument, parse_attestation
+from mock_kms.errors import KmsError
 from mock_kms.roots import aws_nitro_root
 from mock_kms.verifier import AttestationVerifier
 
@@ -160,9 +165,23 @@ def make_ops(data: bytes) -> dict[str, Op]:
     def p384_verify() -> None:
         leaf_key.verify(der_signature, sig_structure, ES384)
 
+    def refused(document: bytes) -> Op:
+        def op() -> object:
+            try:
+                cached.verify(document, at=AT)
+            except KmsError as e:
+                return e.code
+            raise AssertionError("a crafted cabundle verified")
+
+        return op
+
+    crafted = {
+        f"crafted_{n}ca": refused(crossed_ca_document(aws_nitro_root(), n, AT)) for n in (5, 7)
+    }
     return {
         "verify_cached": verify_cached,
         "verify_uncached": verify_uncached,
+        **crafted,
         **make_floors(doc),
         "parse": parse,
         "leaf_load_key": leaf_load_key,
@@ -292,6 +311,13 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
 
+    # Issue 14.4: a trusted root and N attacker CAs cross-signing each other, against a
+    # normal verification (target: at most 2x).
+    crafted = {
+        f"{name}_over_{path}": stats[name]["median_s"] / stats[f"verify_{path}"]["median_s"]
+        for name in ("crafted_5ca", "crafted_7ca")
+        for path in ("cached", "uncached")
+    }
     result = {
         "benchmark": "bench/bench_verify.py",
         "date": started.isoformat().replace("+00:00", "Z"),
@@ -307,6 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "operations": stats,
         "ratios": ratios,
+        "crafted_ratios": crafted,
         "target_cached_ratio": TARGET_CACHED_RATIO,
         "cached_target_met": ratios["cached"]["floor_over_verify_median"] >= TARGET_CACHED_RATIO,
     }
@@ -332,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
                 f"{st['median_s'] * 1e6:>10.1f}us{st['min_s'] * 1e6:>10.1f}us"
                 f"{st['ops_per_s_median']:>10.0f}{st['spread_max_over_min']:>9.2f}"
             )
+        for name, ratio in crafted.items():
+            print(f"{name:<30} {ratio:.2f}x  (target <= 2)")
         for path, r in ratios.items():
             target = f"  (target >= {TARGET_CACHED_RATIO})" if path == "cached" else ""
             print(

@@ -230,3 +230,49 @@ def server_metrics(kms: LocalKms) -> dict[str, float]:
     """The KMS's ``/metrics`` now, parsed."""
     with urllib.request.urlopen(kms.url + "/metrics", timeout=10) as r:
         return parse_metrics(r.read().decode())
+
+
+def crossed_ca_document(
+    root: x509.Certificate, attackers: int, at: datetime.datetime
+) -> bytes:
+    """The review's CPU attack on the chain builder (issue 14.4), made at ``at``: a document
+    whose cabundle is a trusted ``root`` (its exact bytes) followed by ``attackers`` CA
+    certificates of one attacker key, all named alike so that each could issue each other
+    (the first one naming ``root`` as its issuer), and a leaf under them that signs the
+    document. No enclave, no AWS key: anyone can send it."""
+    from cryptography.hazmat.primitives import hashes
+
+    from keyutil.simulator import der, encode_map, make_leaf, new_key, payload_fields, sign1
+
+    key = new_key()
+    name = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, "Attacker CA")])
+    usage = x509.KeyUsage(
+        digital_signature=False, content_commitment=False, key_encipherment=False,
+        data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
+        encipher_only=False, decipher_only=False,
+    )
+    cas = [
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(root.subject if i == 0 else name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(at - datetime.timedelta(days=1))
+        .not_valid_after(at + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(usage, critical=True)
+        .sign(key, hashes.SHA384())
+        for i in range(attackers)
+    ]
+    leaf_key = new_key()
+    module_id = "i-0123456789abcdef0-enc0123456789abcdef"
+    leaf = make_leaf(
+        module_id=module_id, key=leaf_key, issuer=cas[-1], issuer_key=key,
+        not_before=at - datetime.timedelta(seconds=3), not_after=at + datetime.timedelta(hours=3),
+    )
+    fields = payload_fields(
+        module_id=module_id, timestamp_ms=int(at.timestamp() * 1000),
+        pcrs={i: bytes([i + 1]) * 48 for i in range(16)}, certificate=der(leaf),
+        cabundle=[der(root)] + [der(c) for c in cas], public_key=None, user_data=None, nonce=None,
+    )
+    return sign1(encode_map(fields), leaf_key)

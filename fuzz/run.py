@@ -172,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
         argv, libfuzzer_args = argv[:split], argv[split + 1:]
     parser = argparse.ArgumentParser(prog="python -m fuzz.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("target", choices=("parser", "verifier", "release", "provenance",
-                                           "sealed", "dotenv", "recipient"))
+    parser.add_argument("target", choices=("parser", "verifier", "release", "answer",
+                                           "provenance", "sealed", "dotenv", "recipient"))
     parser.add_argument("--engine", choices=("plain", "atheris"), default="plain")
     parser.add_argument("--runs", type=int, default=None, help="stop after N executions")
     parser.add_argument("--seconds", type=float, default=None, help="stop after S seconds")

@@ -749,10 +749,17 @@ def error_shape_problem(status: int, answer: Any) -> str:
     return "" if status == expected else f"status {status} for code {code} (expected {expected})"
 
 
+def _answer_target(corpus: Corpus, mutator: Mutator) -> Target:
+    from fuzz.answer_target import AnswerTarget  # the client side; it imports this module
+
+    return AnswerTarget(corpus, mutator)
+
+
 TARGETS: dict[str, Callable[[Corpus, Mutator], Target]] = {
     "parser": ParserTarget,
     "verifier": VerifierTarget,
     "release": ReleaseTarget,
+    "answer": _answer_target,
 }
 
 

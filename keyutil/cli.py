@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import click
 
+from keyutil.cliutil import EXIT_INTERRUPTED, option_envvars, run, version_option
 from keyutil.nsm import NsmError, NsmKind, open_nsm
 
 EXIT_OK = 0
@@ -38,6 +38,8 @@ EXIT_NSM = 5
 EXIT_UNAUTHENTICATED = 6
 EXIT_OUTPUT = 7
 EXIT_NETWORK = 8
+EXIT_SEALED = 9  # sealed input refused (keyutil/sealing/commands.py)
+EXIT_EXEC_FAILED = 127  # keyutil exec: the command cannot be executed, as a shell says
 
 
 def _hex(length: int | None = None) -> Callable[[click.Context, click.Parameter, Any], Any]:
@@ -81,13 +83,15 @@ sim_dir_option = click.option(
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@version_option("keyutil")
 def cli() -> None:
     """Attested key release inside an AWS Nitro Enclave.
 
     \b
     Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
     4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
-    7 output error, 8 network set-up error (net-up).
+    7 output error, 8 network set-up error (net-up), 130 interrupted (Ctrl-C).
+    Every option is also an environment variable: its name is shown in each --help.
     """
 
 
@@ -127,12 +131,12 @@ def attest(
     if out is None:
         click.echo(base64.b64encode(document).decode())
         return
-    try:
-        tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
-        tmp.write_bytes(document)
-        os.replace(tmp, out)
-    except OSError as e:
-        _fail(EXIT_OUTPUT, f"cannot write {out}: {e.strerror}")
+    from keyutil.output import OutputError, write_file
+
+    try:  # a document is not secret: any file system, mode 0644; never through a symlink
+        write_file(out, document, mode=0o644, allow_persistent=True)
+    except OutputError as e:
+        _fail(EXIT_OUTPUT, f"{e.code}: {e.message}")
 
 
 @cli.group()
@@ -175,7 +179,8 @@ def sim_init(
             directory, pcr0=pcr0, pcr1=pcr1, pcr2=pcr2, debug=debug, module_id=module_id
         )
     except NsmError as e:
-        _fail(EXIT_USAGE if e.code == "sim_exists" else EXIT_NSM, f"{e.code}: {e.message}")
+        usage = e.code in ("sim_exists", "sim_invalid")  # an existing directory, a bad id
+        _fail(EXIT_USAGE if usage else EXIT_NSM, f"{e.code}: {e.message}")
         return
     except OSError as e:
         _fail(EXIT_OUTPUT, f"cannot create {directory}: {e.strerror}")
@@ -238,7 +243,8 @@ kms_option = click.option(
     "kms_url",
     required=True,
     envvar="KEYUTIL_KMS",
-    help="The KMS: http://HOST:PORT, https://HOST:PORT, unix:///PATH or vsock://CID:PORT.",
+    help="The KMS: http://HOST:PORT, https://HOST[:PORT] (443), unix:///PATH or "
+    "vsock://CID:PORT.",
 )
 kms_ca_option = click.option(
     "--kms-ca",
@@ -271,19 +277,6 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
         ) from None
 
 
-def _identity_text(value: str | None) -> str | None:
-    """``ed25519:...`` as given, or read from ``@FILE``."""
-    if value is None or not value.startswith("@"):
-        return value
-    try:
-        return Path(value[1:]).read_text().strip()
-    except (OSError, UnicodeDecodeError) as e:
-        reason = getattr(e, "strerror", None) or "not text"
-        raise click.BadParameter(
-            f"cannot read {value[1:]}: {reason}", param_hint="--kms-pubkey"
-        ) from None
-
-
 @cli.command("get-key")
 @kms_option
 @click.option(
@@ -297,6 +290,12 @@ def _identity_text(value: str | None) -> str | None:
     help="UNSAFE: do not check the answer's signature (the nonce and binding still are).",
 )
 @kms_ca_option
+@click.option(
+    "--expect-app",
+    metavar="NAME|0xID",
+    help="The application whose keys this image must get (as registered on chain): an "
+    "answer for any other application is refused (exit 6) and nothing is written.",
+)
 @click.option(
     "--key",
     "key_names",
@@ -327,11 +326,16 @@ def _identity_text(value: str | None) -> str | None:
     default="x25519",
     help="HPKE suite the keys are sealed with.",
 )
-@click.option("--out", type=click.Path(dir_okay=False), help="Write the one key to FILE.")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False),
+    help="Write the one key to FILE, mode 0400; a missing directory (/run/keys) is created "
+    "0700 when its nearest existing ancestor is tmpfs or ramfs.",
+)
 @click.option(
     "--out-dir",
     type=click.Path(file_okay=False),
-    help="Write each key to DIR/NAME (DIR must exist).",
+    help="Write each key to DIR/NAME, all or none (DIR created as for --out).",
 )
 @click.option("--stdout", "to_stdout", is_flag=True, help="Write the key(s) to stdout.")
 @click.option(
@@ -363,6 +367,7 @@ def _identity_text(value: str | None) -> str | None:
 @click.option(
     "--source-ca",
     type=click.Path(exists=True, dir_okay=False),
+    envvar="KEYUTIL_SOURCE_CA",
     help="For --unseal https://: trust only this CA file.",
 )
 @click.option(
@@ -392,6 +397,7 @@ def get_key(
     kms_pubkey: str | None,
     insecure_skip_kms_auth: bool,
     kms_ca: str | None,
+    expect_app: str | None,
     key_names: tuple[str, ...],
     lengths: tuple[int, ...],
     key_types: tuple[str, ...],
@@ -434,6 +440,7 @@ def get_key(
     started = time.monotonic()
     log = EventLog(log_format, verbose)
 
+    from keyutil.api import pinned_identity
     from keyutil.client import (
         AnswerRejected,
         KmsDenied,
@@ -454,16 +461,14 @@ def get_key(
         raise click.UsageError("--via, --source-ca and --expect-sha256 apply to --unseal only")
     if sum((out is not None, out_dir is not None, to_stdout)) != 1:
         raise click.UsageError("give exactly one of --out, --out-dir and --stdout")
+    if out is not None and len(key_names) > 1:
+        raise click.UsageError("--out writes one key; for several, give --out-dir DIR")
     if fmt != "raw" and not to_stdout:
         raise click.UsageError("--format applies to --stdout only")
-    identity = _identity_text(kms_pubkey)
-    if identity is None and not insecure_skip_kms_auth:
-        raise click.UsageError(
-            "--kms-pubkey (or KEYUTIL_KMS_PUBKEY) is required: without it a host could feed "
-            "this enclave a key of its choosing (--insecure-skip-kms-auth to skip, unsafely)"
-        )
-    if identity is not None and insecure_skip_kms_auth:
-        raise click.UsageError("give --kms-pubkey or --insecure-skip-kms-auth, not both")
+    try:  # the same checks as the Python API, keyutil.get_key
+        identity = pinned_identity(kms_pubkey, insecure_skip_kms_auth)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     try:
         request = ReleaseRequest.build(
             key_names,
@@ -471,6 +476,7 @@ def get_key(
             types=key_types,
             suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
             identity=identity,
+            expect_app=expect_app,
         )
     except ProtocolError as e:
         raise click.UsageError(e.message) from None
@@ -662,8 +668,9 @@ def proxy(
     bytes_to_dest, bytes_to_client, duration_s and end: client_closed, dest_closed,
     idle_timeout, over_limit, destination_unreachable, refused, shutdown or error.
     \b
-    Exit codes: 0 stopped by SIGTERM/SIGINT, 2 usage or configuration (refused
-    destination, bad allowlist), 3 cannot listen (address in use, no vsock here).
+    Exit codes: 0 stopped by SIGTERM, 2 usage or configuration (refused
+    destination, bad allowlist), 3 cannot listen (address in use, no vsock here),
+    130 stopped by SIGINT (Ctrl-C), after the same clean shutdown.
     """
     from keyutil import proxy as p
 
@@ -703,9 +710,17 @@ def proxy(
         return
     import signal
 
+    stopped_by: list[int] = []
+
+    def stop(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        server.stop()
+
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: server.stop())
+        signal.signal(signum, stop)
     server.serve()
+    if stopped_by[:1] == [signal.SIGINT]:
+        sys.exit(EXIT_INTERRUPTED)
 
 
 @cli.command("net-up")
@@ -763,15 +778,13 @@ def _write_statement(log: Any, release: Any, path: str) -> None:
         log.fail(EXIT_UNAUTHENTICATED, "answer_rejected", code="answer_provenance_missing",
                  message="the KMS sent no provenance statement for the typed key")
         return
-    target = Path(path)
-    tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_bytes(statement.to_bytes())
-        os.replace(tmp, target)
-    except OSError as e:
+    from keyutil.output import OutputError, write_file
+
+    try:  # the safe writer: no predictable temporary, never through a symlink
+        write_file(path, statement.to_bytes(), mode=0o644, allow_persistent=True)
+    except OutputError as e:
         release.wipe()
-        log.fail(EXIT_OUTPUT, "output_error", code="provenance_write",
-                 message=f"cannot write {path}: {e.strerror}")
+        log.fail(EXIT_OUTPUT, "output_error", code="provenance_write", message=e.message)
 
 
 @cli.command("verify-provenance")
@@ -801,8 +814,12 @@ def verify_provenance(statement_file: str, kms_pubkey: str, application: str | N
     6 the statement is malformed or does not verify ({"error": CODE, ...} with --json).
     """
     from keyutil import protocol, provenance
+    from keyutil.api import pinned_identity
 
-    identity_text = _identity_text(kms_pubkey)
+    try:
+        identity_text = pinned_identity(kms_pubkey, insecure_skip_kms_auth=False)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--kms-pubkey") from None
     assert identity_text is not None
     try:
         identity = protocol.parse_identity(identity_text)
@@ -843,23 +860,23 @@ def verify_provenance(statement_file: str, kms_pubkey: str, application: str | N
             click.echo(f"{field:<13} {result[field]}")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point; ``argv`` lets tests call the CLI in-process."""
-    cli.main(
-        args=list(argv) if argv is not None else None,
-        prog_name="keyutil",
-        auto_envvar_prefix="KEYUTIL",
-    )
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()
-
-
 # The sealing commands (seal, unseal, recipient, exec) live with the age code and reuse this
-# module's options, so they are registered last. Hidden from mypy, which would otherwise see an
-# import cycle and lose the types of those options.
+# module's options, so they are registered after those, and before ENVVARS below. Hidden from
+# mypy, which would otherwise see an import cycle and lose the types of those options.
 if not TYPE_CHECKING:
     from keyutil.sealing.commands import register as _register_sealing
 
     _register_sealing(cli)
+
+
+# Every option's variable, set on the option so that --help shows it (also under CliRunner).
+ENVVARS = option_envvars(cli, "KEYUTIL")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code. ``argv`` lets tests call the CLI in-process."""
+    return run(cli, argv, prog_name="keyutil", prefix="KEYUTIL")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -44,6 +44,8 @@ DEFAULT_KEY_LENGTH = 32
 HEX_32 = re.compile(r"\A0x[0-9a-fA-F]{64}\Z")
 MAX_SEALED_B64 = 4096  # HPKE enc (at most 97 bytes) + a 64-byte key + tag, in base64
 MAX_MESSAGE = 300
+# Unavailable, yet no retry can help: the peer does not speak TLS or fails its checks.
+NOT_RETRIED = frozenset({"tls_failed"})
 
 Log = Callable[[str, str, Mapping[str, Any]], None]
 """``log(level, event, fields)``; level is debug, info, warning or error."""
@@ -101,12 +103,14 @@ class ReleaseRequest:
     """Which keys, which HPKE suite, and the KMS identity the answer must be signed by.
 
     ``identity=None`` skips the signature check only (``--insecure-skip-kms-auth``); the
-    nonce, binding and key-list checks still apply.
+    nonce, binding and key-list checks still apply. ``expect_app`` (32 bytes, from
+    ``--expect-app NAME|0xID``): an answer releasing another application's keys is refused.
     """
 
     keys: tuple[KeyRequest, ...]
     suite: str
     identity: ed25519.Ed25519PublicKey | None
+    expect_app: bytes | None = None
 
     def __post_init__(self) -> None:
         protocol.check_key_list(self.keys)
@@ -121,6 +125,7 @@ class ReleaseRequest:
         types: Sequence[str] = (keytypes.DEFAULT_TYPE,),
         suite: str = protocol.SUITE_X25519,
         identity: str | None,
+        expect_app: str | None = None,
     ) -> ReleaseRequest:
         """From names, one length and one type for all or one per name, and
         ``ed25519:...`` (or None)."""
@@ -131,7 +136,8 @@ class ReleaseRequest:
             KeyRequest(n, ln, t) for n, ln, t in zip(names, lengths, types, strict=True)
         )
         pinned = protocol.parse_identity(identity) if identity is not None else None
-        return cls(keys=keys, suite=suite, identity=pinned)
+        app = protocol.parse_application(expect_app) if expect_app is not None else None
+        return cls(keys=keys, suite=suite, identity=pinned, expect_app=app)
 
 
 _Item = TypeVar("_Item")
@@ -184,6 +190,7 @@ class Release:
     attempts: int
     # One per key: the KMS's provenance statement of a typed key (checked), else None.
     statements: tuple[Any, ...] = ()
+    debug: bool = False  # the KMS says (signed): debug-domain keys for a debug-mode enclave
 
     def wipe(self) -> None:
         for key in self.keys:
@@ -204,7 +211,7 @@ def classify(response: HttpResponse, what: str) -> Any:
     message = body.get("message") if isinstance(body, dict) else None
     if 200 <= response.status < 300:
         if body is None:
-            raise KmsUnavailable("kms_bad_response", f"{what}: the KMS answered without JSON")
+            raise KmsUnavailable("bad_response", f"{what}: the KMS answered without JSON")
         return body
     code = _clip(code) if isinstance(code, str) and code else f"http_{response.status}"
     text = _clip(message) if isinstance(message, str) else f"HTTP {response.status}"
@@ -235,7 +242,7 @@ def parse_challenge(body: Any) -> Challenge:
         if type(expires) is not int:
             raise ProtocolError("bad_response", "challenge: expected integer expires_at_ms")
     except ProtocolError as e:
-        raise KmsUnavailable("kms_bad_response", e.message) from None
+        raise KmsUnavailable("bad_response", e.message) from None
     return Challenge(nonce=nonce, expires_at_ms=expires)
 
 
@@ -258,8 +265,9 @@ def check_answer(
     """The sealed keys of an answer that is the pinned KMS's, to this very request.
 
     Checks, in order: the signature (unless ``request.identity`` is None), version, suite,
-    nonce, binding, the application and image hash fields, and that the keys are exactly the
-    ones asked for, in order. Unknown extra fields are tolerated: they are signed.
+    nonce, binding, the application and image hash fields, the application against
+    ``request.expect_app``, and that the keys are exactly the ones asked for, in order.
+    Unknown extra fields are tolerated: they are signed.
     """
     if not isinstance(answer, dict):
         raise _reject("answer_malformed", "expected a JSON object")
@@ -285,13 +293,20 @@ def check_answer(
         raise _reject("answer_nonce_mismatch", "the answer is for another challenge")
     answered_binding = body.get("binding")
     if not isinstance(answered_binding, str) or not hmac.compare_digest(
-        answered_binding.encode(), binding.hex().encode()
+        answered_binding.encode("utf-8", "surrogatepass"), binding.hex().encode()
     ):
         raise _reject("answer_binding_mismatch", "the answer is for another request")
     for field in ("application", "os_image_hash"):
         value = body.get(field)
         if not isinstance(value, str) or not HEX_32.match(value):
             raise _reject("answer_malformed", f"expected {field} as 0x and 64 hex digits")
+    application = bytes.fromhex(body["application"][2:])
+    if request.expect_app is not None and application != request.expect_app:
+        raise _reject(
+            "answer_application_mismatch",
+            f"expected keys of application {protocol.format_application(request.expect_app)}; "
+            f"the KMS released keys of {protocol.format_application(application)}",
+        )
     keys = body.get("keys")
     if not isinstance(keys, list) or len(keys) != len(request.keys):
         raise _reject("answer_keys_mismatch", f"expected {len(request.keys)} keys")
@@ -435,18 +450,26 @@ def _retrying(
         try:
             return attempt(n)
         except KmsUnavailable as e:
+            if e.code in NOT_RETRIED:
+                raise
             last = e
         left = deadline.left()
         if left < policy.min_attempt_time:
             raise KmsUnavailable(
                 last.code,
-                f"KMS unavailable for {deadline_s:g} s ({n} attempts); last: {last.message}",
+                f"KMS unavailable for {max(0.0, deadline_s):.3g} s ({n} attempts); "
+                f"last: {last.message}",
             ) from None
         delay = min(backoff_delay(n, policy, rand), left - policy.min_attempt_time)
         log(
             "warning",
             "kms_unavailable",
-            {"code": last.code, "message": last.message, "attempt": n, "retry_in_s": delay},
+            {
+                "code": last.code,
+                "message": last.message,
+                "attempt": n,
+                "retry_in_s": round(delay, 2),
+            },
         )
         sleep(delay)
 
@@ -532,6 +555,7 @@ def exchange(
         os_image_hash=str(answer["os_image_hash"]),
         attempts=attempt,
         statements=statements,
+        debug=answer.get("debug") is True,
     )
 
 
@@ -564,7 +588,7 @@ def release_keys(
     deadline = _Clock(clock, deadline_s)
 
     def attempt(n: int) -> Release:
-        log("debug", "attempt", {"attempt": n, "time_left_s": round(deadline.left(), 3)})
+        log("debug", "attempt", {"attempt": n, "time_left_s": round(max(0.0, deadline.left()), 2)})
         return exchange(
             transport,
             nsm,
@@ -589,9 +613,18 @@ def release_keys(
         "released",
         {
             "keys": [k.name for k in release.keys],
-            "application": release.application,
+            "application": protocol.application_text(release.application),
             "os_image_hash": release.os_image_hash,
             "attempts": release.attempts,
         },
     )
+    if release.debug:
+        log(
+            "warning",
+            "debug_keys",
+            {
+                "message": "UNSAFE: the KMS released debug-domain keys to this debug-mode "
+                "enclave (mock-kms serve --allow-debug); a production enclave gets other keys"
+            },
+        )
     return release

@@ -49,6 +49,27 @@ ANSWER_CONTEXT = b"nitro-keyrelease/v1/answer"
 IDENTITY_PREFIX = "ed25519:"
 
 
+MAX_ECHO = 64
+
+
+def echo(value: Any, limit: int = MAX_ECHO, *, quoted: bool = True) -> str:
+    """``value`` as a message or a log may echo it: text and bytes as an escaped repr (no
+    control character survives; ``quoted=False`` drops the quotes), numbers as written,
+    anything else by its type only, and cut to ``limit`` characters in all (ending in
+    ``...`` when cut)."""
+    if isinstance(value, str | bytes):
+        text = repr(value[:limit])
+        text = text if quoted else text[1 + isinstance(value, bytes) : -1]
+    elif value is None or isinstance(value, bool | int | float):
+        try:
+            text = repr(value)
+        except ValueError:  # an integer past Python's conversion limit
+            text = "a very large integer"
+    else:
+        text = f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 class ProtocolError(ValueError):
     """A message does not have the form the protocol requires. ``code`` is stable."""
 
@@ -78,13 +99,13 @@ class KeyRequest:
             raise ProtocolError(
                 "bad_request",
                 "key name: expected 1 to 64 of A-Z a-z 0-9 . _ - (starting alphanumeric); "
-                f"found {self.name[:70]!r}",
+                f"found {echo(self.name)}",
             )
         if type(self.length) is not int or not MIN_KEY_LENGTH <= self.length <= MAX_KEY_LENGTH:
             raise ProtocolError(
                 "bad_request",
                 f"key length: expected {MIN_KEY_LENGTH} to {MAX_KEY_LENGTH} bytes; "
-                f"found {self.length!r}",
+                f"found {echo(self.length)}",
             )
         try:
             kind = keytypes.get(self.type)
@@ -160,7 +181,7 @@ def hpke_suite(suite: str) -> hpke.Suite:
     if suite == SUITE_P384:
         return hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
     raise ProtocolError(
-        "bad_request", f"suite: expected one of {', '.join(SUITES)}; found {suite!r}"
+        "bad_request", f"suite: expected one of {', '.join(SUITES)}; found {echo(suite)}"
     )
 
 
@@ -174,7 +195,7 @@ def generate_recipient(suite: str) -> RecipientPrivateKey:
         return x25519.X25519PrivateKey.generate()
     if suite == SUITE_P384:
         return ec.generate_private_key(ec.SECP384R1())
-    raise ProtocolError("bad_request", f"suite: unknown {suite!r}")
+    raise ProtocolError("bad_request", f"suite: unknown {echo(suite)}")
 
 
 def recipient_public_bytes(key: RecipientPrivateKey) -> bytes:
@@ -208,7 +229,7 @@ def load_recipient_public(suite: str, data: bytes) -> RecipientPublicKey:
         raise ProtocolError(
             "public_key_invalid", f"attested public_key is not a {suite} key: {e}"
         ) from None
-    raise ProtocolError("bad_request", f"suite: unknown {suite!r}")
+    raise ProtocolError("bad_request", f"suite: unknown {echo(suite)}")
 
 
 def seal(
@@ -221,6 +242,77 @@ def open_sealed(
     suite: str, recipient: RecipientPrivateKey, key: KeyRequest, nonce: bytes, sealed: bytes
 ) -> bytes:
     return hpke_suite(suite).decrypt(sealed, recipient, info=seal_info(key, nonce))
+
+
+# -- Applications and answers' JSON ----------------------------------------------------------
+
+_APP_HEX = re.compile(r"\A0[xX]([0-9a-fA-F]{64})\Z")
+
+
+def parse_application(text: str) -> bytes:
+    """An application id: ``0x`` + 64 hex digits, or a name of 1..32 printable ASCII
+    characters stored left-aligned and zero-padded in 32 bytes (as the allowlist contract
+    stores it). The zero id is refused. ProtocolError ``application_invalid`` if not one."""
+    if text.startswith(("0x", "0X")):
+        match = _APP_HEX.match(text)
+        if match is None:
+            raise ProtocolError(
+                "application_invalid",
+                f"expected an application id of 0x + 64 hex digits; found {len(text) - 2} "
+                "characters after 0x",
+            )
+        value = bytes.fromhex(match.group(1))
+    else:
+        if not 1 <= len(text) <= 32 or not all(0x20 <= ord(c) <= 0x7E for c in text):
+            raise ProtocolError(
+                "application_invalid",
+                "expected an application name of 1 to 32 printable ASCII characters "
+                f"(or 0x + 64 hex digits); found {len(text)} characters",
+            )
+        value = text.encode("ascii").ljust(32, b"\0")
+    if value == bytes(32):
+        raise ProtocolError("application_invalid", "the zero application id is reserved")
+    return value
+
+
+def format_application(app: bytes) -> str:
+    """The name when ``app`` decodes as a :func:`parse_application` name, else 0x-hex."""
+    name = app.rstrip(b"\0")
+    printable = name and all(0x20 <= b <= 0x7E for b in name)
+    if printable and not name.startswith((b"0x", b"0X")):
+        return name.decode("ascii")
+    return "0x" + app.hex()
+
+
+_JSON_STRUCTURE = re.compile(r'[\\"\[\]{}]')
+
+
+def json_nesting(text: str) -> int:
+    """How deep arrays and objects nest in JSON ``text`` (brackets inside strings skipped).
+
+    A linear scan that needs no stack: it runs before the parser, which recurses per level.
+    """
+    depth = deepest = 0
+    in_string = False
+    escaped = -1  # the index of the character after a backslash in a string
+    for match in _JSON_STRUCTURE.finditer(text):
+        i = match.start()
+        if i == escaped:
+            continue
+        char = text[i]
+        if in_string:
+            if char == "\\":
+                escaped = i + 1
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
 
 
 # -- The KMS identity and the signed answer ------------------------------------------------
@@ -268,3 +360,17 @@ def verify_answer(identity: ed25519.Ed25519PublicKey, answer: Mapping[str, Any])
             "the KMS answer is not signed by the pinned KMS identity",
         ) from None
     return body
+
+
+def application_text(application: str) -> str:
+    """An application id (0x + 64 hex digits, as answers carry it) for people to read: its
+    name when it is a name padded with zero bytes (``demo-app``), else as given."""
+    try:
+        raw = bytes.fromhex(application.removeprefix("0x"))
+    except ValueError:
+        return application
+    name = raw.rstrip(b"\0")
+    printable = len(raw) == 32 and name and all(0x20 <= b <= 0x7E for b in name)
+    if printable and not name.startswith((b"0x", b"0X")):
+        return name.decode("ascii")
+    return application

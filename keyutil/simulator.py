@@ -47,6 +47,7 @@ Clock = Callable[[], datetime.datetime]
 ES384_PROTECTED_HEADER = bytes.fromhex("a1013822")  # {1: -35}
 PCR_COUNT = 16
 PCR_LENGTH = 48
+MAX_MODULE_ID = 64  # the simulator's bound; the KMS's parser accepts up to 256
 LEAF_LIFETIME = datetime.timedelta(hours=3)
 LEAF_BACKDATE = datetime.timedelta(seconds=3)
 
@@ -210,6 +211,11 @@ def make_intermediate(
     )
 
 
+def _leaf_common_name(module_id: str) -> str:
+    name = f"{module_id}.simulated.aws"
+    return name if len(name) <= MAX_MODULE_ID else module_id
+
+
 def make_leaf(
     *,
     module_id: str,
@@ -222,7 +228,8 @@ def make_leaf(
     # Like AWS's leaf: no Authority Key Identifier, no Subject Alternative Name.
     return (
         x509.CertificateBuilder()
-        .subject_name(_name(f"{module_id}.simulated.aws", with_locality=True))
+        # A common name holds 64 characters: a long module id goes without the suffix.
+        .subject_name(_name(_leaf_common_name(module_id), with_locality=True))
         .issuer_name(issuer.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -294,6 +301,14 @@ class EnclaveIdentity:
     module_id: str
     pcrs: Mapping[int, bytes]
     debug: bool
+
+    def __post_init__(self) -> None:
+        if not 0 < len(self.module_id) <= MAX_MODULE_ID or not self.module_id.isprintable():
+            raise NsmError(
+                "sim_invalid",
+                f"module id: expected 1 to {MAX_MODULE_ID} printable characters "
+                f"(like i-0123456789abcdef0-enc0123456789abcdef); found {len(self.module_id)}",
+            )
 
     @property
     def os_image_hash(self) -> str:
@@ -485,6 +500,12 @@ class SimulatedNSM:
             ) from None
         except (ValueError, KeyError, TypeError) as e:
             raise NsmError("sim_invalid", f"{directory}: damaged simulator files: {e}") from None
+        except OSError as e:  # unreadable: permissions, a directory in a file's place
+            raise NsmError(
+                "sim_invalid",
+                f"cannot read {e.filename}: {e.strerror}; the simulator's files must be "
+                "readable by this user (or create a new one: keyutil sim init DIR)",
+            ) from None
         return cls(directory, ca, identity, clock=clock)
 
     def attestation(

@@ -37,6 +37,8 @@ import urllib.parse
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from keyutil import protocol
+
 MAX_RESPONSE_BYTES = 1 << 20  # 1 MiB: a release answer of 16 sealed keys is a few KiB
 MAX_REQUEST_BYTES = 1 << 20
 USER_AGENT = "keyutil/1"
@@ -61,6 +63,29 @@ class HttpResponse:
     json: Any
 
 
+MAX_JSON_DEPTH = 32  # an answer needs 3; json's parser recurses once per level
+
+
+def decode_json(data: bytes, where: str) -> Any:
+    """A response body's JSON, or None if it is not JSON; TransportError ``bad_response``
+    if it nests deeper than :data:`MAX_JSON_DEPTH` (a hostile answer must not exhaust the
+    parser's recursion: it is a bad response, retried, never a crash)."""
+    if not data:
+        return None
+    try:
+        text = data.decode(json.detect_encoding(data), "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+    if protocol.json_nesting(text) > MAX_JSON_DEPTH:
+        raise TransportError(
+            "bad_response", f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels"
+        )
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):  # RecursionError: a small stack; never a traceback
+        return None
+
+
 class Transport(Protocol):
     """What the release flow needs from the network; tests pass in-process fakes."""
 
@@ -83,10 +108,25 @@ class Endpoint:
         return self.scheme == "https"
 
 
+SCHEMES = ("http", "https", "unix", "vsock")
+
+
 def parse_url(url: str) -> Endpoint:
     """The endpoint a KMS URL names; ValueError with a readable reason if it names none."""
+    # The scheme first: "127.0.0.1:8420" and "kms:8420" would otherwise read as a path, or
+    # as a scheme named "kms", and be refused for a reason that does not name the problem.
+    scheme, sep, _ = url.partition("://")
+    scheme = scheme.lower()
+    if not sep:
+        raise ValueError(
+            f"expected a URL with a scheme (http://, https://, unix:// or vsock://); "
+            f"found {url[:80]!r}: did you mean http://{url[:80]}?"
+        )
+    if scheme not in SCHEMES:
+        raise ValueError(
+            f"expected an http, https, unix or vsock URL; found the scheme {scheme[:20]!r}"
+        )
     parts = urllib.parse.urlsplit(url)
-    scheme = parts.scheme.lower()
     if parts.query or parts.fragment or parts.username or parts.password:
         raise ValueError("a KMS URL has no query, fragment or credentials")
     if scheme == "unix":
@@ -99,6 +139,8 @@ def parse_url(url: str) -> Endpoint:
         port = parts.port
     except ValueError:
         raise ValueError(f"expected a port from 1 to 65535 in {url[:80]!r}") from None
+    if port is None and scheme == "https":
+        port = 443
     if port is None or not 0 < port < 65536:
         raise ValueError(f"expected host:port in {url[:80]!r}")
     host = parts.hostname or ""
@@ -304,9 +346,21 @@ class HttpTransport:
             raise
         except TimeoutError:
             raise TransportError("timeout", f"{where}: no answer in time") from None
-        except ssl.SSLError as e:
-            # A certificate that does not verify is as good as no KMS: retry, then give up.
+        except (ssl.SSLCertVerificationError, ssl.SSLEOFError, ssl.SSLZeroReturnError) as e:
+            # A certificate that does not verify is as good as no KMS, and a handshake cut
+            # short (a proxy restarting) as any cut connection: retry, then give up.
             raise TransportError("unreachable", f"{where}: TLS failed: {e.reason}") from None
+        except ssl.SSLError as e:
+            # The peer does not speak TLS at all (a plain-HTTP KMS): no retry will change
+            # that, so it is told at once.
+            hint = (
+                "; is this KMS served over plain http?"
+                if e.reason in ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "HTTP_REQUEST")
+                else ""
+            )
+            raise TransportError(
+                "tls_failed", f"{where}: TLS failed: {e.reason or e}{hint}"
+            ) from None
         except ssl.CertificateError as e:  # pragma: no cover - an SSLError on 3.7+
             raise TransportError("unreachable", f"{where}: TLS failed: {e}") from None
         except OSError as e:  # refused, reset, no route; also a peer that hung up mid-way
@@ -318,8 +372,4 @@ class HttpTransport:
             ) from None
         finally:
             conn.close()
-        try:
-            parsed: Any = json.loads(data) if data else None
-        except ValueError:  # UnicodeDecodeError included
-            parsed = None
-        return HttpResponse(status=status, json=parsed)
+        return HttpResponse(status=status, json=decode_json(data, where))

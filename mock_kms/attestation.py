@@ -37,6 +37,7 @@ from typing import Any
 import cbor2
 
 from keyutil.measurements import hash_pcrs, is_debug_measurement
+from keyutil.protocol import echo
 from mock_kms.config import LIMITS, Limits
 from mock_kms.errors import AttestationError, ErrorCode
 
@@ -156,12 +157,17 @@ def _strict_loads(data: bytes, what: str, limits: Limits, tag_code: ErrorCode) -
             ) from None
         if "Duplicate map key" in str(e):
             raise _fail(
-                ErrorCode.CBOR_DUPLICATE_KEY, f"{what}: expected unique map keys; found {e}"
+                ErrorCode.CBOR_DUPLICATE_KEY,
+                f"{what}: expected unique map keys; found {echo(str(e), 100)}",
             ) from None
-        raise _fail(ErrorCode.CBOR_MALFORMED, f"{what}: expected well-formed CBOR; {e}") from None
+        raise _fail(
+            ErrorCode.CBOR_MALFORMED, f"{what}: expected well-formed CBOR; {echo(str(e), 100)}"
+        ) from None
     except (ValueError, TypeError, OverflowError, RecursionError) as e:
         # Defensive: cbor2 has raised these on content it could not turn into values.
-        raise _fail(ErrorCode.CBOR_MALFORMED, f"{what}: expected well-formed CBOR; {e}") from None
+        raise _fail(
+            ErrorCode.CBOR_MALFORMED, f"{what}: expected well-formed CBOR; {echo(str(e), 100)}"
+        ) from None
     if stream.tell() != len(data):
         extra = len(data) - stream.tell()
         raise _fail(
@@ -242,7 +248,7 @@ def _parse_cose_envelope(data: bytes, limits: Limits) -> tuple[bytes, bytes, byt
         alg = header.get(COSE_HEADER_ALG, "none") if isinstance(header, dict) else "not a map"
         raise _fail(
             ErrorCode.COSE_ALGORITHM,
-            f"expected protected header exactly {{1: -35}} (ES384); found algorithm {alg!r} "
+            f"expected protected header exactly {{1: -35}} (ES384); found algorithm {echo(alg)} "
             f"in {len(protected)} header byte(s)",
         )
     if len(signature) != ES384_SIGNATURE_LENGTH:
@@ -267,7 +273,7 @@ def _parse_pcrs(value: object, digest: str, limits: Limits) -> dict[int, bytes]:
         if type(index) is not int or not 0 <= index <= limits.max_pcr_index:
             raise _fail(
                 ErrorCode.PCR_INVALID,
-                f"pcrs: expected indexes 0 to {limits.max_pcr_index}; found {index!r}",
+                f"pcrs: expected indexes 0 to {limits.max_pcr_index}; found {echo(index)}",
             )
         if not isinstance(pcr, bytes):
             raise _fail(
@@ -293,7 +299,7 @@ def _parse_payload(payload: bytes, limits: Limits) -> dict[str, Any]:
     if unknown:
         raise _fail(
             ErrorCode.FIELD_UNKNOWN,
-            f"payload: expected only the nine attestation fields; found {unknown[0]!r}",
+            f"payload: expected only the nine attestation fields; found {echo(unknown[0])}",
         )
     for name in REQUIRED_FIELDS:
         if name not in fields:
@@ -333,7 +339,7 @@ def parse_attestation(data: bytes, *, limits: Limits = LIMITS) -> AttestationDoc
     if digest not in DIGEST_PCR_LENGTH:
         raise _fail(
             ErrorCode.DIGEST_UNKNOWN,
-            f"digest: expected one of {', '.join(DIGEST_PCR_LENGTH)}; found {digest[:16]!r}",
+            f"digest: expected one of {', '.join(DIGEST_PCR_LENGTH)}; found {echo(digest, 20)}",
         )
     timestamp = fields["timestamp"]
     if type(timestamp) is not int or not 0 < timestamp < MAX_TIMESTAMP_MS:

@@ -45,6 +45,7 @@ from web3 import Web3
 from web3.contract import Contract
 from web3.exceptions import BadFunctionCallOutput, ContractLogicError, Web3Exception
 
+from keyutil import protocol
 from mock_kms.errors import ErrorCode, InvalidError, UnavailableError
 
 ARTIFACT_NAME = "ImageAllowlist.json"
@@ -100,35 +101,15 @@ def refuse_unregistrable(image_hash: bytes) -> None:
 def parse_application(text: str) -> bytes:
     """An application id: ``0x`` + 64 hex digits, or a name of 1..32 printable ASCII characters
     stored left-aligned and zero-padded in 32 bytes. The zero id is refused."""
-    if text.startswith(("0x", "0X")):
-        match = _HEX32.match(text)
-        if match is None:
-            raise InvalidError(
-                ErrorCode.APPLICATION_INVALID,
-                f"expected an application id of 0x + 64 hex digits; found {len(text) - 2} "
-                "characters after 0x",
-            )
-        value = bytes.fromhex(match.group(1))
-    else:
-        if not 1 <= len(text) <= 32 or not all(0x20 <= ord(c) <= 0x7E for c in text):
-            raise InvalidError(
-                ErrorCode.APPLICATION_INVALID,
-                "expected an application name of 1 to 32 printable ASCII characters "
-                f"(or 0x + 64 hex digits); found {len(text)} characters",
-            )
-        value = text.encode("ascii").ljust(32, b"\0")
-    if value == ZERO32:
-        raise InvalidError(ErrorCode.APPLICATION_INVALID, "the zero application id is reserved")
-    return value
+    try:
+        return protocol.parse_application(text)
+    except protocol.ProtocolError as e:
+        raise InvalidError(ErrorCode.APPLICATION_INVALID, e.message) from None
 
 
 def format_application(app: bytes) -> str:
     """The name when ``app`` decodes as a parse_application name, else 0x-hex."""
-    name = app.rstrip(b"\0")
-    printable = name and all(0x20 <= b <= 0x7E for b in name)
-    if printable and not name.startswith((b"0x", b"0X")):
-        return name.decode("ascii")
-    return "0x" + app.hex()
+    return protocol.format_application(app)
 
 
 def parse_address(text: str) -> str:

@@ -4,7 +4,8 @@
           --at 2022-10-13T08:58:03Z --json
 
 Results go to stdout, logs and human errors to stderr. Exit codes are stable:
-0 valid, 1 invalid (the error code says why), 2 usage error.
+0 valid (serve: stopped by SIGTERM), 1 invalid (the error code says why; serve: cannot
+start), 2 usage error, 3 serve cannot listen, 130 interrupted (Ctrl-C).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
+import errno
 import json
 import logging
 import os
@@ -24,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from keyutil.cliutil import EXIT_INTERRUPTED, option_envvars, run, version_option
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError
 
@@ -33,6 +36,7 @@ if TYPE_CHECKING:
 EXIT_OK = 0
 EXIT_INVALID = 1
 EXIT_USAGE = 2
+EXIT_LISTEN = 3
 
 _HEX_TEXT = re.compile(rb"\A(?:0x)?[0-9a-fA-F\s]+\Z")
 _B64_TEXT = re.compile(rb"\A[A-Za-z0-9+/=_\-\s]+\Z")
@@ -73,11 +77,16 @@ def decode_document_input(data: bytes) -> bytes:
 def parse_time(value: str) -> datetime.datetime:
     """Epoch seconds, epoch milliseconds (13 digits or more) or ISO 8601, as aware UTC."""
     text = value.strip()
-    if re.fullmatch(r"\d+(\.\d+)?", text):
+    if re.fullmatch(r"\d+(\.\d+)?([eE][+-]?\d+)?", text):
         number = float(text)
-        if "." not in text and len(text) >= 13:
+        if text.isdigit() and len(text) >= 13:
             number /= 1000
-        return datetime.datetime.fromtimestamp(number, datetime.UTC)
+        try:
+            return datetime.datetime.fromtimestamp(number, datetime.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise click.BadParameter(
+                f"expected a time between the years 1970 and 9999; found {value[:40]!r}"
+            ) from None
     try:
         parsed = datetime.datetime.fromisoformat(text)
     except ValueError:
@@ -95,15 +104,38 @@ def _time_option(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
     return parse_time(str(value))
 
 
-def _setup_logging(verbose: int) -> None:
-    level = logging.WARNING - 10 * min(verbose, 2)
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line, with the field names of keyutil's logs (``ts``, ``level``)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        return json.dumps(entry)
+
+
+def _setup_logging(verbose: int, fmt: str = "text", base: int = logging.WARNING) -> None:
+    level = max(logging.DEBUG, base - 10 * verbose)
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", force=True)
+    if fmt == "json":
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonLogFormatter())
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
 @click.option("-v", "--verbose", count=True, help="More logs on stderr (-v info, -vv debug).")
+@version_option("mock-kms")
 def cli(verbose: int) -> None:
-    """The attestation-verifying KMS for AWS Nitro Enclaves (development and CI)."""
+    """The attestation-verifying KMS for AWS Nitro Enclaves (development and CI).
+
+    \b
+    Exit codes: 0 valid (serve: stopped by SIGTERM), 1 invalid (serve: cannot start),
+    2 usage error, 3 serve cannot listen, 130 interrupted (Ctrl-C).
+    Every option is also an environment variable: its name is shown in each --help.
+    """
     _setup_logging(verbose)
 
 
@@ -132,7 +164,8 @@ def cli(verbose: int) -> None:
 @click.option(
     "--allow-debug",
     is_flag=True,
-    help="UNSAFE: accept debug-mode enclaves (all-zero PCR0..2), readable by the host.",
+    help="UNSAFE: report debug-mode enclaves (all-zero PCR0..2, memory readable by the host) "
+    "as valid, with debug true, instead of refusing them (debug_enclave).",
 )
 @click.option(
     "--max-age",
@@ -202,9 +235,16 @@ def _default_state_dir() -> Path:
     return Path(base) / "mock-kms"
 
 
+def _state_dir(ctx: click.Context, param: click.Parameter, value: Any) -> Path:
+    if not str(value):  # Path("") would be the working directory
+        raise click.BadParameter("expected a directory; found an empty value")
+    return Path(value)
+
+
 state_dir_option = click.option(
     "--state-dir",
-    type=click.Path(file_okay=False, path_type=Path),
+    type=click.Path(file_okay=False),
+    callback=_state_dir,
     default=_default_state_dir,
     show_default="$XDG_STATE_HOME/mock-kms",
     envvar="MOCK_KMS_STATE_DIR",
@@ -330,7 +370,17 @@ def recipient(state_dir: Path, app: str, key_name: str, key_type: str, as_json: 
     "--allow-debug",
     is_flag=True,
     envvar="MOCK_KMS_ALLOW_DEBUG",
-    help="UNSAFE: release keys to debug-mode enclaves (logged at start and on every use).",
+    help="UNSAFE, development only: release keys to debug-mode enclaves (any image: their PCRs "
+    "are all zero, and the host can read their memory). They get --debug-app's keys from a "
+    "separate debug derivation domain, never equal to a production enclave's keys; every such "
+    "release is logged, audited and signed as debug.",
+)
+@click.option(
+    "--debug-app",
+    default="debug",
+    envvar="MOCK_KMS_DEBUG_APP",
+    help="With --allow-debug: the application (NAME or 0x + 64 hex) whose debug-domain keys "
+    "debug-mode enclaves get.",
 )
 @click.option(
     "--max-age",
@@ -373,6 +423,15 @@ def recipient(state_dir: Path, app: str, key_name: str, key_type: str, as_json: 
     envvar="MOCK_KMS_REQUEST_TIMEOUT",
     help="Close a connection whose request is not whole this many seconds after its first byte.",
 )
+@click.option(
+    "-v", "--verbose", count=True, help="Debug logs too (start, stop and releases are INFO)."
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Logs on stderr as text lines or JSON lines (fields ts, level, logger, message).",
+)
 def serve(
     host: str,
     port: int,
@@ -388,12 +447,15 @@ def serve(
     trust_roots: Sequence[Path],
     no_aws_root: bool,
     allow_debug: bool,
+    debug_app: str,
     max_age: float,
     nonce_lifetime: float,
     audit_log: Path | None,
     threads: int,
     idle_timeout: int,
     request_timeout: float,
+    verbose: int,
+    log_format: str,
 ) -> None:
     """Serve attested key release over HTTP (loopback by default).
 
@@ -409,14 +471,92 @@ def serve(
       mock-kms serve --trust-root /tmp/sim/root.pem \\
           --allow-image "$(jq -r .os_image_hash /tmp/sim/enclave.json)=my-app"
     """
-    from mock_kms.server import KmsApp, ServerSettings, create_server
+    from mock_kms.server import KmsApp, ServerSettings
+
+    group_verbose = click.get_current_context().find_root().params.get("verbose", 0)
+    _setup_logging(group_verbose + verbose, log_format, base=logging.INFO)
+    logger = logging.getLogger("mock_kms")
+    images = _allow_images(allow_images)
+    _check_chain_options(rpc_url, contract, chain_id, images)
+    if no_aws_root and not trust_roots:
+        raise click.UsageError("--no-aws-root needs at least one --trust-root")
+    debug_application = _debug_application(debug_app) if allow_debug else None
+    settings = ServerSettings(
+        host=host,
+        port=port,
+        unix_socket=unix_socket,
+        threads=threads,
+        channel_timeout=idle_timeout,
+        request_timeout=request_timeout,
+    )
+    # Bind first: a port in use or a missing directory is told at once, not after the
+    # seconds the chain takes to start. Nothing is served before run() below.
+    starting = _Starting()
+    server = _bind(starting, settings)
+    try:
+        service = _start_service(
+            state_dir, images, rpc_url, contract, chain_id, confirmations, revocation_delay,
+            rpc_timeout, trust_roots, no_aws_root, max_age, debug_application, audit_log,
+            nonce_lifetime,
+        )
+    except BaseException:  # a one-line exit (SystemExit) or Ctrl-C while the chain starts
+        server.close()
+        raise
+    starting.app = KmsApp(service, max_body=settings.max_body)
+    # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
+    # handler would pull them from under the select() that run() is blocked in.
+    stopped_by: list[int] = []
+
+    def interrupt(signum: int, frame: object) -> None:
+        stopped_by.append(signum)
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupt)
+    signal.signal(signal.SIGINT, interrupt)
+    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{server.effective_port}"
+    try:
+        logger.info("mock-kms serving on %s, identity %s", where, service.state.identity_text)
+        if allow_debug:
+            logger.warning(
+                "UNSAFE: --allow-debug: debug-mode enclaves get the debug-domain keys of "
+                "application %s",
+                debug_app,
+            )
+        server.run()  # returns (waitress swallows the interrupt) or raises it
+    except KeyboardInterrupt:
+        pass
+    finally:
+        logger.info("mock-kms stopping")
+        server.close()
+    if stopped_by[:1] == [signal.SIGINT]:
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def _start_service(
+    state_dir: Path,
+    images: Sequence[tuple[bytes, bytes]],
+    rpc_url: str | None,
+    contract: str | None,
+    chain_id: int | None,
+    confirmations: int,
+    revocation_delay: float,
+    rpc_timeout: float,
+    trust_roots: Sequence[Path],
+    no_aws_root: bool,
+    max_age: float,
+    debug_application: bytes | None,
+    audit_log: Path | None,
+    nonce_lifetime: float,
+) -> Any:
+    """The release service, or one line and exit 1 (state, chain, roots, audit log, signer)."""
     from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings
     from mock_kms.state import KmsState
 
+    allow_debug = debug_application is not None
     try:
         state = KmsState.load_or_create(state_dir)
         allowlist = _make_allowlist(
-            rpc_url, contract, chain_id, confirmations, revocation_delay, rpc_timeout, allow_images
+            rpc_url, contract, chain_id, confirmations, revocation_delay, rpc_timeout, images
         )
         verifier = _make_verifier(trust_roots, "--trust-root", no_aws_root, max_age, allow_debug)
         audit = AuditLog(audit_log)
@@ -435,42 +575,100 @@ def serve(
     except KmsError as e:
         click.echo(f"mock-kms: {e.code}: {e.message}", err=True)
         sys.exit(EXIT_INVALID)
-    service = ReleaseService(
+    return ReleaseService(
         verifier=verifier,
         allowlist=allowlist,
         state=state,
         settings=ReleaseSettings(nonce_lifetime=nonce_lifetime),
         audit=audit,
+        debug_application=debug_application,
         provenance=issuer,
     )
-    settings = ServerSettings(
-        host=host,
-        port=port,
-        unix_socket=unix_socket,
-        threads=threads,
-        channel_timeout=idle_timeout,
-        request_timeout=request_timeout,
-    )
-    server = create_server(KmsApp(service, max_body=settings.max_body), settings)
-    where = f"unix:{unix_socket}" if unix_socket else f"http://{host}:{server.effective_port}"
-    logger = logging.getLogger("mock_kms")
-    logger.warning("mock-kms serving on %s, identity %s", where, state.identity_text)
-    if allow_debug:
-        logger.warning("UNSAFE: --allow-debug: keys will be released to debug-mode enclaves")
-    # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
-    # handler would pull them from under the select() that run() is blocked in.
-    signal.signal(signal.SIGTERM, _interrupt)
+
+
+class _Starting:
+    """The WSGI application while the KMS starts: bound before the service exists."""
+
+    app: Any = None
+
+    def __call__(self, environ: Any, start_response: Any) -> Any:
+        return self.app(environ, start_response)
+
+
+def _bind(app: Any, settings: Any) -> Any:
+    """A waitress server listening on ``settings``' address, or exit 2 (bad address) or 3."""
+    from mock_kms.server import create_server
+
+    where = settings.unix_socket or f"{settings.host}:{settings.port}"
     try:
-        server.run()  # returns (waitress swallows the interrupt) or raises it
-    except KeyboardInterrupt:
-        pass
-    finally:
-        logger.warning("mock-kms stopping")
-        server.close()
+        return create_server(app, settings)
+    except ValueError:  # waitress: not an address it can listen on
+        raise click.BadParameter(
+            f"cannot listen on {settings.host!r}: expected an IP address or a host name "
+            "of this machine (127.0.0.1, ::1, 0.0.0.0)",
+            param_hint="--host",
+        ) from None
+    except OSError as e:
+        hint = {
+            errno.EADDRINUSE: "another process listens there: stop it or choose another "
+            + ("--unix-socket" if settings.unix_socket else "--port"),
+            errno.ENOENT: "its directory does not exist: create it first",
+            errno.EACCES: "permission denied: choose a path or port this user may use",
+            errno.EADDRNOTAVAIL: "no interface of this machine has that address",
+        }.get(e.errno or 0, "check the address")
+        click.echo(f"mock-kms: cannot listen on {where}: {e.strerror}; {hint}", err=True)
+        sys.exit(EXIT_LISTEN)
 
 
-def _interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
+def _allow_images(texts: Sequence[str]) -> list[tuple[bytes, bytes]]:
+    from mock_kms.allowlist import parse_allow_image
+
+    try:
+        return [parse_allow_image(text) for text in texts]
+    except KmsError as e:
+        raise click.BadParameter(e.message, param_hint="--allow-image") from None
+
+
+def _check_chain_options(
+    rpc_url: str | None, contract: str | None, chain_id: int | None, images: Sequence[object]
+) -> None:
+    """Options that do not go together, a malformed --rpc-url or --contract: usage errors
+    at start, before anything is bound or started (an unreachable node is not one: the KMS
+    starts not ready)."""
+    import urllib.parse
+
+    if rpc_url is None and contract is not None:
+        raise click.UsageError("--contract goes with --rpc-url")
+    if rpc_url is not None and images:
+        raise click.UsageError(
+            "--allow-image registers on the embedded chain only; with --rpc-url, register "
+            "images with kms-gov add-image"
+        )
+    if rpc_url is not None and (contract is None or chain_id is None):
+        raise click.UsageError("--rpc-url needs --contract and --chain-id")
+    if rpc_url is not None:
+        parts = urllib.parse.urlsplit(rpc_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise click.BadParameter(
+                f"expected http://HOST:PORT or https://HOST[:PORT]; found {rpc_url[:80]!r}",
+                param_hint="--rpc-url",
+            )
+    if contract is not None:
+        from mock_kms.chain import parse_address
+
+        try:
+            parse_address(contract)
+        except KmsError as e:
+            raise click.BadParameter(e.message, param_hint="--contract") from None
+
+
+def _debug_application(text: str) -> bytes:
+    from mock_kms.chain import parse_application
+
+    try:
+        return parse_application(text)
+    except InvalidError as e:
+        raise click.BadParameter(e.message, param_hint="--debug-app") from None
 
 
 def _make_verifier(
@@ -484,7 +682,10 @@ def _make_verifier(
     from mock_kms.roots import load_pem_roots
     from mock_kms.verifier import AttestationPolicy, AttestationVerifier
 
-    extra = [cert for path in root_files for cert in load_pem_roots(path)]
+    try:
+        extra = [cert for path in root_files for cert in load_pem_roots(path)]
+    except KmsError as e:
+        raise click.BadParameter(e.message, param_hint=option) from None
     policy = AttestationPolicy(max_age=datetime.timedelta(seconds=max_age), allow_debug=allow_debug)
     if not no_aws_root:
         return AttestationVerifier.aws(policy=policy, extra_roots=extra)
@@ -500,32 +701,21 @@ def _make_allowlist(
     confirmations: int,
     revocation_delay: float,
     rpc_timeout: float,
-    allow_images: Sequence[str],
+    images: Sequence[tuple[bytes, bytes]],
 ) -> Any:
-    from mock_kms.allowlist import (
-        EmbeddedAllowlist,
-        ReaderSettings,
-        RpcAllowlist,
-        parse_allow_image,
-    )
+    from mock_kms.allowlist import EmbeddedAllowlist, ReaderSettings, RpcAllowlist
+    from mock_kms.chain import format_application
 
-    images = [parse_allow_image(text) for text in allow_images]
     if rpc_url is None:
-        if contract is not None:
-            raise click.UsageError("--contract goes with --rpc-url")
         allowlist = EmbeddedAllowlist.create(images)
         for image, app in images:
-            logging.getLogger("mock_kms").warning(
-                "embedded chain: image 0x%s registered for application 0x%s", image.hex(), app.hex()
+            logging.getLogger("mock_kms").info(
+                "embedded chain: image 0x%s registered for application %s",
+                image.hex(),
+                format_application(app),
             )
         return allowlist
-    if images:
-        raise click.UsageError(
-            "--allow-image registers on the embedded chain only; with --rpc-url, register "
-            "images with kms-gov add-image"
-        )
-    if contract is None or chain_id is None:
-        raise click.UsageError("--rpc-url needs --contract and --chain-id")
+    assert contract is not None and chain_id is not None  # _check_chain_options
     reader = RpcAllowlist.from_url(
         rpc_url,
         contract,
@@ -539,7 +729,11 @@ def _make_allowlist(
     except KmsError as e:
         # Start anyway (fail closed: not ready, every release refused) so a KMS that starts
         # before its node becomes ready by itself; say why now.
-        logging.getLogger("mock_kms").error("chain not ready at start: %s", e.message)
+        logging.getLogger("mock_kms").warning(
+            "starting not ready (fail closed: every release is refused with 503 until the "
+            "chain answers): %s",
+            e.message,
+        )
     return reader
 
 
@@ -646,14 +840,14 @@ def _read_input(file: str) -> bytes:
     return data
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Entry point; ``argv`` lets tests call the CLI in-process."""
-    cli.main(
-        args=list(argv) if argv is not None else None,
-        prog_name="mock-kms",
-        auto_envvar_prefix="MOCK_KMS",
-    )
+# Every option's variable, set on the option so that --help shows it (also under CliRunner).
+ENVVARS = option_envvars(cli, "MOCK_KMS")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; returns the exit code. ``argv`` lets tests call the CLI in-process."""
+    return run(cli, argv, prog_name="mock-kms", prefix="MOCK_KMS")
 
 
 if __name__ == "__main__":  # pragma: no cover
-    main()
+    sys.exit(main())

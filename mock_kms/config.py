@@ -21,8 +21,8 @@ class Limits:
     max_optional_field: int = 1024
     # One DER certificate. Real Nitro certificates are 500 to 700 bytes.
     max_certificate_size: int = 4096
-    # cabundle is [root, regional, zonal, instance] on real documents.
-    max_cabundle_length: int = 8
+    # cabundle is [root, regional, zonal, instance] on real documents; room for two more.
+    max_cabundle_length: int = 6
     # The NSM has 32 PCRs; documents carry 16.
     max_pcr_count: int = 32
     max_pcr_index: int = 31
@@ -38,6 +38,9 @@ class Limits:
     # needs 3). json's C parser recurses once per level, and web3's dependencies raise
     # Python's recursion limit to 100000, so depth must be bounded before parsing.
     max_json_depth: int = 32
+    # One audit log line, in bytes: every echoed value is cut to 64 characters, and a line
+    # that would still be longer loses its message, then everything but the decision.
+    max_audit_line: int = 4096
 
 
 LIMITS = Limits()

@@ -65,6 +65,7 @@ Exit codes:
   5  the signer is not the owner (or not the pending owner) (not_owner)
   6  the contract refused or reverted the transaction (transaction_reverted)
   7  no usable signing key: missing, malformed, or wrong keystore password
+  130  interrupted (Ctrl-C)
 """
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -552,9 +553,12 @@ def show_signer(contract: str | None, rpc_url: str | None, chain_id: int | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The console script; returns the exit code (callable in-process by tests)."""
-    try:
-        cli.main(args=list(argv) if argv is not None else None, prog_name="kms-gov",
-                 standalone_mode=True)
-    except SystemExit as e:
-        return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    return EXIT_OK
+    from keyutil.cliutil import run
+
+    return run(
+        cli,
+        argv,
+        prog_name="kms-gov",
+        prefix="KMS_GOV",
+        other_envvars=("KMS_GOV_KEYSTORE_PASSWORD", "KMS_GOV_PRIVATE_KEY"),
+    )

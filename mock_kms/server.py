@@ -6,6 +6,8 @@
 Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 
 =========================  ===================================================================
+``GET  /v1/live``          200 ``{"status": "live"}`` while the process serves (liveness: it
+                           never asks the chain; restart the process when this fails)
 ``GET  /v1/health``        200 ``{"status": "ready"}`` when the chain answers, the contract is
                            there and the secrets are loaded; 503 with the reason otherwise
 ``POST /v1/challenge``     a fresh nonce, single use, short-lived
@@ -14,7 +16,8 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 ``GET  /v1/recipient``     ``?app=APP&key=NAME``: an application's age recipient, signed
 ``GET  /v1/provenance``    ``?application=APP&name=NAME&type=TYPE``: the signed provenance
                            statement of a typed key (public; no attestation needed)
-``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms
+``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms,
+                           ``kms_build_info{version}`` and ``kms_ready`` (1 ready, 0 not)
 =========================  ===================================================================
 
 waitress is concurrent (a thread pool), bounds the request body and header sizes and caps
@@ -28,14 +31,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from keyutil.protocol import json_nesting
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
 from mock_kms.service import ReleaseService, Timings, describe_document
@@ -90,12 +93,31 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self.build_info = Gauge(
+            "kms_build_info", "The running version (always 1)", ["version"], registry=self.registry
+        )
+        self.build_info.labels(version=_version()).set(1)
+        # Evaluated at every scrape (set_function): 1 when /v1/health would answer ready.
+        self.ready = Gauge(
+            "kms_ready",
+            "1 when ready: secrets loaded, chain and contract answering; 0 otherwise",
+            registry=self.registry,
+        )
         self.release_latency = Histogram(
             "kms_release_seconds",
             "Whole release request time",
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("nitro-keyrelease")
+    except PackageNotFoundError:  # pragma: no cover - run from a tree that is not installed
+        return "unknown"
 
 
 def _status_line(status: int) -> str:
@@ -109,37 +131,6 @@ def _status_line(status: int) -> str:
         503: "Service Unavailable",
     }
     return f"{status} {reasons.get(status, 'Error')}"
-
-
-_JSON_STRUCTURE = re.compile(r'[\\"\[\]{}]')
-
-
-def json_nesting(text: str) -> int:
-    """How deep arrays and objects nest in JSON ``text`` (brackets inside strings skipped).
-
-    A linear scan that needs no stack: it runs before the parser, which recurses per level.
-    """
-    depth = deepest = 0
-    in_string = False
-    escaped = -1  # the index of the character after a backslash in a string
-    for match in _JSON_STRUCTURE.finditer(text):
-        i = match.start()
-        if i == escaped:
-            continue
-        char = text[i]
-        if in_string:
-            if char == "\\":
-                escaped = i + 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
-    return deepest
 
 
 def http_status(error: KmsError) -> int:
@@ -161,7 +152,9 @@ class KmsApp:
         self.service = service
         self.max_body = max_body
         self.metrics = Metrics()
+        self.metrics.ready.set_function(self._ready_value)
         self._routes: dict[tuple[str, str], Callable[[Environ], tuple[int, Any]]] = {
+            ("GET", "/v1/live"): lambda environ: (200, {"status": "live"}),
             ("GET", "/v1/health"): self._health,
             ("GET", "/v1/identity"): self._identity,
             ("POST", "/v1/challenge"): self._challenge,
@@ -240,6 +233,13 @@ class KmsApp:
     def _health(self, environ: Environ) -> tuple[int, Any]:
         return 200, self.service.ready()
 
+    def _ready_value(self) -> float:
+        try:
+            self.service.ready()
+        except KmsError:
+            return 0.0
+        return 1.0
+
     def _identity(self, environ: Environ) -> tuple[int, Any]:
         return 200, {"identity": self.service.state.identity_text}
 
@@ -295,8 +295,10 @@ class KmsApp:
         except KmsError as e:
             kind = "unavailable" if isinstance(e, UnavailableError) else "denied"
             self._observe(kind, str(e.code), timings, started)
-            entry = self.service.audit_entry(outcome=kind, code=str(e.code), body=body, error=e)
-            if isinstance(body, dict):
+            entry = self.service.audit_entry(
+                outcome=kind, code=str(e.code), body=body, error=e, verified=timings.verified
+            )
+            if timings.verified is None and isinstance(body, dict):
                 entry.update(describe_document(body.get("attestation")))
             try:
                 self.service.audit.record(entry)

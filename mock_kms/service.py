@@ -43,6 +43,7 @@ from typing import Any
 from keyutil import keytypes, protocol
 from keyutil.protocol import KeyRequest, ProtocolError
 from mock_kms.allowlist import Allowlist, require_allowed
+from mock_kms.chain import format_application
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
 from mock_kms.provenance import ProvenanceIssuer, has_statement
@@ -168,7 +169,8 @@ class ReleaseRequest:
             if suite not in protocol.SUITES:
                 raise ProtocolError(
                     "bad_request",
-                    f"suite: expected one of {', '.join(protocol.SUITES)}; found {suite!r}",
+                    f"suite: expected one of {', '.join(protocol.SUITES)}; "
+                    f"found {protocol.echo(suite)}",
                 )
             raw_keys = body.get("keys")
             if not isinstance(raw_keys, list):
@@ -210,6 +212,8 @@ class Timings:
 
     verification: float = 0.0
     chain_read: float = 0.0
+    # The document once it verified: a later refusal's audit line names it as verified.
+    verified: VerifiedAttestation | None = None
 
 
 @dataclasses.dataclass
@@ -217,6 +221,21 @@ class _PendingRecord:
     line: bytes
     done: bool = False
     error: OSError | None = None
+
+
+def audit_line(entry: Mapping[str, Any], limit: int = LIMITS.max_audit_line) -> bytes:
+    """``entry`` as one JSON line of at most ``limit`` bytes (control characters escaped):
+    too long, it loses its message, then every field but the decision, and says so."""
+    essential = ("time", "outcome", "code")
+    for attempt in (
+        entry,
+        {**entry, "message": protocol.echo(entry.get("message"), 256), "truncated": True},
+        {**{k: entry.get(k) for k in essential}, "truncated": True},
+    ):
+        line = (json.dumps(attempt, sort_keys=True, separators=(",", ":")) + "\n").encode()
+        if len(line) <= limit:
+            return line
+    raise ValueError("an audit line without its details is still over the limit")
 
 
 class AuditLog:
@@ -262,7 +281,14 @@ class AuditLog:
 
     @staticmethod
     def _open(path: Path) -> int:
-        return os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        # Never through a symlink: whoever planted one would choose what the KMS appends to.
+        flags = os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(path, flags, 0o600)
+        except OSError as e:
+            if e.errno == errno.ELOOP:
+                e.strerror = f"{path} is a symbolic link; give the real path"
+            raise
 
     def _torn(self, fd: int) -> bool:
         """True (and logged) if the file's last byte is not a newline."""
@@ -279,9 +305,7 @@ class AuditLog:
     def record(self, entry: Mapping[str, Any]) -> None:
         if self.path is None:
             return
-        pending = _PendingRecord(
-            (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
-        )
+        pending = _PendingRecord(audit_line(entry))
         with self._cond:
             self._queue.append(pending)
             while not pending.done:
@@ -348,6 +372,7 @@ class ReleaseService:
         settings: ReleaseSettings | None = None,
         audit: AuditLog | None = None,
         clock: Clock = time.time,
+        debug_application: bytes | None = None,
         provenance: ProvenanceIssuer | None = None,
     ) -> None:
         self.verifier = verifier
@@ -355,6 +380,9 @@ class ReleaseService:
         self.state = state
         self.settings = settings or ReleaseSettings()
         self.audit = audit or AuditLog(None)
+        # serve --allow-debug: debug-mode enclaves (any image: their PCRs are all zero) get
+        # this application's keys from the debug derivation domain. None: refused.
+        self.debug_application = debug_application
         self.clock = clock
         # Issues the provenance statement of each typed key (None: releases carry none).
         self.provenance = provenance
@@ -379,6 +407,7 @@ class ReleaseService:
             verified = self.verifier.verify(request.attestation, at=now)
         finally:
             timings.verification = time.perf_counter() - started
+        timings.verified = verified
         document = verified.document
         self.nonces.accept(document.nonce)
         assert document.nonce is not None
@@ -401,17 +430,27 @@ class ReleaseService:
 
         started = time.perf_counter()
         try:
-            application = require_allowed(self.allowlist, bytes.fromhex(verified.os_image_hash[2:]))
+            if verified.debug and self.debug_application is not None:
+                application = self.debug_application
+            else:
+                application = require_allowed(
+                    self.allowlist, bytes.fromhex(verified.os_image_hash[2:])
+                )
         finally:
             timings.chain_read = time.perf_counter() - started
         if verified.debug:
             logger.warning(
-                "UNSAFE: releasing keys to a debug-mode enclave (%s)", document.module_id
+                "UNSAFE: releasing debug-domain keys of application 0x%s to a debug-mode "
+                "enclave (%s)",
+                application.hex(),
+                protocol.echo(document.module_id),
             )
 
         sealed = []
         for key in request.keys:
-            secret = self.state.derive_key(application, key)
+            secret = self.state.derive_key(
+                application, key, domain="debug" if verified.debug else "production"
+            )
             sealed.append(
                 {
                     **key.to_json(),
@@ -421,7 +460,9 @@ class ReleaseService:
                 }
             )
             del secret
-            if self.provenance is not None and has_statement(key):
+            # A statement certifies a production key; a debug-domain key gets none (issued,
+            # it would name the production public key, which the enclave did not get).
+            if self.provenance is not None and has_statement(key) and not verified.debug:
                 sealed[-1]["provenance"] = self.provenance.issue(application, key)
         body_out = {
             "version": protocol.PROTOCOL_VERSION,
@@ -432,6 +473,8 @@ class ReleaseService:
             "binding": binding.hex(),
             "keys": sealed,
         }
+        if verified.debug:
+            body_out["debug"] = True  # signed: the client learns its keys are debug keys
         return ReleaseOutcome(
             answer=protocol.sign_answer(self.state.identity, body_out),
             verified=verified,
@@ -447,38 +490,57 @@ class ReleaseService:
         result: ReleaseOutcome | None = None,
         body: Any = None,
         error: KmsError | None = None,
+        verified: VerifiedAttestation | None = None,
     ) -> dict[str, Any]:
-        """The audit line for one decision: who, what image, which keys, never key bytes."""
+        """The audit line for one decision: who, what image, which keys, never key bytes.
+
+        A refusal names the document's module id and image hash as verified only when the
+        document verified (``verified``); otherwise :func:`describe_document` may add what it
+        claims, under ``claimed``. Every value from the request is cut and escaped by
+        :func:`keyutil.protocol.echo`."""
         entry: dict[str, Any] = {
-            "time": datetime.datetime.fromtimestamp(self.clock(), datetime.UTC)
-            .isoformat()
-            .replace("+00:00", "Z"),
+            # Epoch seconds under "ts", as in every log of keyutil, the proxy and the KMS.
+            "ts": round(self.clock(), 3),
             "outcome": outcome,
             "code": code,
         }
         if result is not None:
             entry.update(
-                module_id=result.verified.module_id,
+                module_id=protocol.echo(result.verified.module_id, quoted=False),
                 os_image_hash=result.verified.os_image_hash,
-                application="0x" + result.application.hex(),
+                application=format_application(result.application),
                 keys=list(result.key_names),
                 debug=result.verified.debug,
             )
         elif isinstance(body, Mapping) and isinstance(body.get("keys"), list):
             entry["keys"] = [
-                str(k.get("name"))[:64] for k in body["keys"][:16] if isinstance(k, Mapping)
+                protocol.echo(k.get("name"), quoted=False)
+                for k in body["keys"][:16]
+                if isinstance(k, Mapping)
             ]
+        if verified is not None and result is None:
+            entry.update(
+                module_id=protocol.echo(verified.module_id, quoted=False),
+                os_image_hash=verified.os_image_hash,
+                debug=verified.debug,
+            )
         if error is not None:
             entry["message"] = error.message
         return entry
 
 
 def describe_document(attestation_b64: Any) -> dict[str, Any]:
-    """module_id and OS_IMAGE_HASH of a (possibly refused) document, for the audit log."""
+    """What a document that did not verify claims to be (module_id, OS_IMAGE_HASH), under
+    ``claimed``: nobody vouches for it, so it is never shown as the enclave's identity."""
     from mock_kms.attestation import parse_attestation
 
     try:
-        doc = parse_attestation(base64.b64decode(str(attestation_b64), validate=True))
+        doc = parse_attestation(base64.b64decode(str(attestation_b64)[:65536], validate=True))
     except (KmsError, ValueError):
         return {}
-    return {"module_id": doc.module_id, "os_image_hash": doc.os_image_hash}
+    return {
+        "claimed": {
+            "module_id": protocol.echo(doc.module_id, quoted=False),
+            "os_image_hash": doc.os_image_hash,
+        }
+    }

@@ -16,7 +16,9 @@ Steps, in order, each with its own error codes:
 1. Parse (:func:`mock_kms.attestation.parse_attestation`), unless given a parsed document.
 2. COSE signature: ES384 over the Sig_structure with the leaf certificate's P-384 key.
    High-S signatures are accepted: genuine AWS documents carry them.
-3. Certificate chain: ``cabundle[0]`` must be byte-identical to a trusted root; the chain
+3. Certificate chain: ``cabundle[0]`` must be byte-identical to a trusted root; each
+   cabundle certificate must be issued and signed by the one before it, in order (one
+   signature each, so a crafted pool costs no path search); then the chain
    ``[leaf, cabundle[-1], ..., cabundle[1]]`` is built by ``cryptography.x509.verification``
    at the verification time and must be exactly the cabundle order, every certificate used.
 4. Policy (:class:`AttestationPolicy`): not from the future beyond the clock skew, not older
@@ -51,6 +53,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification
 
+from keyutil.protocol import echo
 from mock_kms.attestation import AttestationDocument, parse_attestation
 from mock_kms.config import LIMITS, Limits
 from mock_kms.errors import AttestationError, ErrorCode
@@ -178,6 +181,27 @@ def _check_validity(cert: x509.Certificate, what: str, at: datetime.datetime) ->
             f"{what} ({_name(cert)}): valid until {cert.not_valid_after_utc.isoformat()}; "
             f"verification time is {at.isoformat()}",
         )
+
+
+def _check_links(bundle: Sequence[x509.Certificate]) -> None:
+    """Each cabundle certificate is issued and signed by the one before it, in order from the
+    trusted root: one signature check per link, before the path builder runs.
+
+    The builder searches every way its pool could chain: a trusted root followed by attacker
+    CAs that cross-sign each other made it check signatures up to its own limit, about 20x a
+    whole verification. Such a bundle fails here at its first link (the root signed none of
+    it); a genuine one costs these checks once per chain-cache miss, and once its links are
+    checked from the root, the pool has one way to chain.
+    """
+    for i in range(1, len(bundle)):
+        try:
+            bundle[i].verify_directly_issued_by(bundle[i - 1])
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            raise _fail(
+                ErrorCode.CHAIN_INVALID,
+                f"cabundle[{i}] ({_name(bundle[i])}): expected a certificate issued and signed "
+                f"by cabundle[{i - 1}] ({_name(bundle[i - 1])}); it is not",
+            ) from None
 
 
 def _check_time(at: datetime.datetime) -> datetime.datetime:
@@ -318,6 +342,7 @@ class AttestationVerifier:
         ]
         for i, cert in enumerate(bundle):
             _check_validity(cert, f"cabundle[{i}]", at)
+        _check_links(bundle)
         intermediates = bundle[1:]
         chain = self._build(leaf, intermediates, store=verification.Store([root]), at=at)
         expected = [leaf, *reversed(intermediates), root]
@@ -392,7 +417,7 @@ class AttestationVerifier:
                     "found all zeros (debug mode, readable by the host)",
                 )
             logger.warning(
-                "UNSAFE: accepting a debug-mode enclave document (module %s)", doc.module_id
+                "UNSAFE: accepting a debug-mode enclave document (module %s)", echo(doc.module_id)
             )
         return VerifiedAttestation(
             document=doc, verified_at=at, os_image_hash=doc.os_image_hash, debug=debug

@@ -40,7 +40,7 @@ kms_pid=$!
 echo "   listening on http://127.0.0.1:$port (log: $work/kms.log)"
 
 echo "== 4. keyutil get-key, as the enclave's entrypoint runs it"
-keyutil get-key --kms "http://127.0.0.1:$port" --kms-pubkey "$identity" \
+keyutil get-key --kms "http://127.0.0.1:$port" --kms-pubkey "$identity" --expect-app demo-app \
   --nsm simulator --sim-dir "$work/sim" --key app --out "$keys/app.key" --deadline 60
 
 echo "== 5. where the key went"

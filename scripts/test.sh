@@ -17,10 +17,12 @@ if [ -f package.json ]; then
 fi
 # Debian packages of the real peers the tests start, installed when missing (one apt-get
 # update, then one install): socat, the other real vsock/unix-to-TCP proxy (end-to-end proxy
-# tests); age, the stock age CLI (sealed data interop, both ways); time, /usr/bin/time, which
+# tests); systemd (systemd-analyze) verifies the example unit (examples/kms), the image has
+# it; age, the stock age CLI (sealed data interop, both ways); time, /usr/bin/time, which
 # measures a child's own peak RSS (constant-memory unseal test, benchmarks).
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v age >/dev/null 2>&1 || missing+=(age)
 [ -x /usr/bin/time ] || missing+=(time)
 if [ "${#missing[@]}" -gt 0 ]; then
@@ -31,7 +33,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
       "${missing[@]}" >/dev/null
   else
     echo "scripts/test.sh: ${missing[*]} missing and cannot be installed here (needs root" \
-      "and apt-get); install the Debian packages, or the tests that use them fail" >&2
+      "and apt-get); install them, or the tests that use them fail or skip" >&2
   fi
 fi
 

@@ -572,7 +572,7 @@ def test_wait_ready(transport: InProcess, kms: FakeKms) -> None:
         (502, b"<html>", KmsUnavailable, "http_502"),
         (403, {"error": "debug_refused", "message": "x"}, KmsDenied, "debug_refused"),
         (404, None, KmsDenied, "http_404"),
-        (200, None, KmsUnavailable, "kms_bad_response"),
+        (200, None, KmsUnavailable, "bad_response"),
     ],
 )
 def test_classify(status: int, body: Any, error: type[Exception], code: str) -> None:
@@ -605,3 +605,24 @@ def test_request_validation() -> None:
         ReleaseRequest.build(["a", "b"], lengths=[32, 32, 32], identity=None)
     with pytest.raises(protocol.ProtocolError):
         ReleaseRequest.build(["a"], identity="rsa:abc")
+
+
+def test_logged_durations_are_rounded_and_never_negative(
+    transport: InProcess, nsm: SimulatedNSM, kms: FakeKms
+) -> None:
+    """Issue 14, item 16: retry_in_s=0.14, not 0.14213...; no 'for -0.2 s'."""
+    events: list[tuple[str, dict[str, Any]]] = []
+    transport.fail = TransportError("unreachable", "connection refused")
+    t = FakeTime()
+    with pytest.raises(KmsUnavailable):
+        run(
+            transport, nsm, request_for(kms), deadline_s=3.0, clock=t.clock, sleep=t.sleep,
+            log=lambda level, event, fields: events.append((event, dict(fields))),
+        )
+    delays = [f["retry_in_s"] for e, f in events if e == "kms_unavailable"]
+    assert delays and all(d == round(d, 2) and d >= 0 for d in delays)
+    lefts = [f["time_left_s"] for e, f in events if e == "attempt"]
+    assert lefts and all(x == round(x, 2) and x >= 0 for x in lefts)
+    with pytest.raises(KmsUnavailable) as info:
+        run(transport, nsm, request_for(kms), deadline_s=-0.25, clock=t.clock, sleep=t.sleep)
+    assert "for 0 s" in info.value.message and "-" not in info.value.message.split(";")[0]

@@ -108,12 +108,12 @@ def test_serve_usage_errors_exit_2(args: list[str], message: str, tmp_path: Path
     assert message in result.output
 
 
-def test_serve_bad_allow_image_value_exits_1(tmp_path: Path) -> None:
+def test_serve_bad_allow_image_value_is_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         kms_cli, ["serve", "--state-dir", str(tmp_path / "s"), "--allow-image", "0x1234=app"]
     )
-    assert result.exit_code == 1
-    assert "hash_invalid" in result.output
+    assert result.exit_code == 2  # as every usage error (issue 14, item 10)
+    assert "Invalid value for --allow-image: expected an image hash" in result.output
 
 
 def test_identity_creates_state_and_is_stable(tmp_path: Path) -> None:

@@ -9,7 +9,6 @@ their requests, a flood of challenges arrives. Released keys are compared, never
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import http.client
 import json
 import os
@@ -140,7 +139,7 @@ def audit_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def audit_time(entry: Mapping[str, Any]) -> float:
-    return datetime.datetime.fromisoformat(entry["time"].replace("Z", "+00:00")).timestamp()
+    return float(entry["ts"])
 
 
 def health(url: str) -> int:

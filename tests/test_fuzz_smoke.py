@@ -10,12 +10,14 @@ binding, allowlist), and mutants were accepted too, so the acceptance oracle was
 from __future__ import annotations
 
 import collections
+import dataclasses
 from pathlib import Path
 from typing import Any
 
 import cbor2
 import pytest
 
+from fuzz.answer_target import AnswerTarget
 from fuzz.mutate import BYTE_CLASSES, STRUCTURAL_CLASSES, Mutator, RandomChooser
 from fuzz.record import Recorder
 from fuzz.seeds import Corpus
@@ -24,7 +26,7 @@ from fuzz.targets import ParserTarget, ReleaseTarget, Target, VerifierTarget
 from mock_kms.attestation import parse_attestation
 
 SEED = 20260301
-RUNS = {"parser": 4000, "verifier": 3000, "release": 1500}
+RUNS = {"parser": 4000, "verifier": 3000, "release": 1500, "answer": 1500}
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,38 @@ def test_release_smoke(corpus: Corpus, tmp_path: Path) -> None:
     assert {"bad_request", "binding_mismatch", "cbor_malformed", "signature_invalid",
             "body_too_large"} <= codes(recorder), codes(recorder)
     assert recorder.kinds["accepted"] >= 300  # released, opened, the derived keys
+
+
+def test_answer_smoke(tmp_path: Path) -> None:
+    """The client's answer handling (issue 14.7): hostile answers are refused with a code
+    (bad_response, an authentication failure, an HTTP status), never a crash."""
+    recorder = run(AnswerTarget(), RUNS["answer"], tmp_path)
+    assert_clean(recorder)
+    for name in ("answer_missing", "answer_type", "answer_field", "answer_application",
+                 "answer_keys", "answer_signature", "answer_not_object", "resigned",
+                 "body_deep_nesting", "body_encoding", "body_truncate"):
+        assert recorder.ops[name] > 0, name
+    assert {"bad_response", "answer_unauthenticated", "answer_malformed",
+            "answer_keys_mismatch", "answer_application_mismatch", "answer_open_failed",
+            "kms_not_ready"} <= codes(recorder), codes(recorder)
+    assert recorder.kinds["accepted"] >= 200
+
+
+def test_answer_oracle_flags_a_client_that_ignores_the_expected_application(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fuzz import answer_target as client
+
+    real = client.check_answer
+
+    def lenient(answer: Any, *, request: Any, nonce: bytes, binding: bytes) -> Any:
+        request = dataclasses.replace(request, expect_app=None)
+        return real(answer, request=request, nonce=nonce, binding=binding)
+
+    monkeypatch.setattr(client, "check_answer", lenient)
+    recorder = run(AnswerTarget(), 600, tmp_path)
+    assert recorder.kinds["accepted_mutant"] > 0
+    assert any("application" in s for s in recorder.signatures), recorder.signatures
 
 
 # -- the oracle itself ----------------------------------------------------------------------

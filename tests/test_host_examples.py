@@ -334,8 +334,10 @@ def test_image_settings_are_ones_the_entrypoint_reads() -> None:
     image_env = re.findall(r"^\s*(?:ENV )?([A-Z_]+)=", dockerfile(), re.M)
     assert image_env, "no ENV in the Dockerfile"
     for name in image_env:
-        if name == "KEYUTIL_NSM":  # read by keyutil itself, and documented there
-            assert "KEYUTIL_NSM" in entrypoint
+        if name in ("KEYUTIL_NSM", "KEYUTIL_GET_KEY_EXPECT_APP"):  # read by keyutil itself,
+            assert name in entrypoint  # and documented there
+            continue
+        if name == "PYTHONDONTWRITEBYTECODE":  # read by Python: no .pyc written at boot
             continue
         assert f"${{{name}:-" in entrypoint, f"{name} is set by the image, unread by entrypoint"
 
@@ -370,7 +372,7 @@ def test_real_keyutil_proxy_takes_proxy_sh_options_and_the_example_allowlist() -
         assert proc.wait(30) == 3, first
         return
     assert "listening" in first and f"vsock://:{port}" in first, first
-    proc.send_signal(2)
+    proc.send_signal(15)  # SIGTERM: exit 0 (SIGINT, Ctrl-C, exits 130)
     assert proc.wait(30) == 0
 
 

@@ -25,7 +25,7 @@
 #   ENCLAVE_LOG_FORMAT       keyutil's log lines: text or json [text]
 #   ENCLAVE_APP              the application's command line, when no arguments are given
 #   KEYUTIL                  the keyutil command [keyutil]
-#   KEYUTIL_NSM, KEYUTIL_SIM_DIR are read by keyutil itself ([auto]: /dev/nsm in an enclave).
+#   KEYUTIL_NSM, KEYUTIL_SIM_DIR, KEYUTIL_GET_KEY_EXPECT_APP are read by keyutil itself ([auto]: /dev/nsm in an enclave).
 #
 # The application starts with ENCLAVE_KEYS_DIR in its environment and finds each key in
 # $ENCLAVE_KEYS_DIR/NAME. No key material is ever printed.
