@@ -400,9 +400,9 @@ def recipient_command(
 
     from keyutil.api import pinned_identity
     from keyutil.client import KmsDenied, KmsUnavailable, classify
-    from keyutil.protocol import ProtocolError, parse_identity
+    from keyutil.protocol import ProtocolError, parse_application, parse_identity
     from keyutil.sealing.age import Recipient, SealedError
-    from keyutil.sealing.recipient import application_id, verify_statement
+    from keyutil.sealing.recipient import verify_statement
     from keyutil.transport import TransportError
 
     log = EventLog(log_format, 0)
@@ -411,7 +411,7 @@ def recipient_command(
     except (ProtocolError, ValueError) as e:
         raise click.BadParameter(str(e), param_hint="--kms-pubkey") from None
     try:
-        application = application_id(app)
+        application = parse_application(app)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--app") from None
     transport = _transport(kms_url, kms_ca)
