@@ -36,7 +36,7 @@ INSTRUMENTED = ("mock_kms", "keyutil")
 PRODUCT_MODULES = ("mock_kms.attestation", "mock_kms.verifier", "mock_kms.service",
                    "mock_kms.server", "mock_kms.allowlist", "keyutil.protocol",
                    "keyutil.simulator", "keyutil.sealing.age", "keyutil.sealing.dotenv",
-                   "keyutil.sealing.recipient")
+                   "keyutil.logwire", "keyutil.host.logsink", "keyutil.sealing.recipient")
 
 
 def environment() -> dict[str, Any]:
@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuzz.run", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=("parser", "verifier", "release", "answer",
-                                           "provenance", "sealed", "dotenv", "recipient"))
+                                           "provenance", "sealed", "dotenv", "recipient",
+                                           "logwire"))
     parser.add_argument("--engine", choices=("plain", "atheris"), default="plain")
     parser.add_argument("--runs", type=int, default=None, help="stop after N executions")
     parser.add_argument("--seconds", type=float, default=None, help="stop after S seconds")

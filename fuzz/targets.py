@@ -776,6 +776,10 @@ SEALED_TARGET_NAMES = ("sealed", "dotenv", "recipient")
 
 
 def make_target(name: str, corpus: Corpus | None = None) -> Target:
+    if name == "logwire":  # needs no attestation corpus
+        from fuzz.logwire import LogWireTarget
+
+        return LogWireTarget()
     if name in SEALED_TARGET_NAMES:
         # fuzz/sealed.py imports this module; its targets need no corpus of documents.
         from fuzz.sealed import SEALED_TARGETS

@@ -12,13 +12,15 @@ and ``KEYUTIL_SIM_DIR`` for every command; the KMS is ``KEYUTIL_KMS`` and its id
 ``KEYUTIL_KMS_PUBKEY``.
 Exit codes are stable: 0 success, 2 usage, 3 KMS unreachable by the deadline, 4 denied by
 the KMS, 5 NSM error, 6 the KMS answer failed authentication, 7 output error, 8 network
-set-up error (net-up).
+set-up error (net-up), 9 sealed input refused, 10 the app could not be started (run:
+workdir, command).
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +30,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import click
 
 from keyutil.cliutil import EXIT_INTERRUPTED, option_envvars, run, version_option
+from keyutil.events import LOG_LEVELS, format_event
 from keyutil.nsm import NsmError, NsmKind, open_nsm
 
 EXIT_OK = 0
@@ -90,7 +93,9 @@ def cli() -> None:
     \b
     Exit codes: 0 success, 2 usage, 3 KMS unreachable by the deadline,
     4 denied by the KMS, 5 NSM error, 6 the KMS answer failed authentication,
-    7 output error, 8 network set-up error (net-up), 130 interrupted (Ctrl-C).
+    7 output error, 8 network set-up error (net-up), 9 sealed input refused,
+    10 the app could not be started (run), 130 interrupted (Ctrl-C). 'keyutil run' exits
+    with the app's own status once it ran.
     Every option is also an environment variable: its name is shown in each --help.
     """
 
@@ -205,7 +210,6 @@ def sim_init(
 # 'keyutil attest' and 'keyutil sim' do not pay for them.
 
 SUITE_CHOICES = ("x25519", "p384")  # protocol.SUITE_X25519 and SUITE_P384
-LOG_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class EventLog:
@@ -218,13 +222,7 @@ class EventLog:
     def __call__(self, level: str, event: str, fields: Any) -> None:
         if LOG_LEVELS.get(level, 40) < self.threshold:
             return
-        if self.fmt == "json":
-            record = {"ts": round(time.time(), 3), "level": level, "event": event, **fields}
-            line = json.dumps(record, default=str)
-        else:
-            parts = " ".join(f"{k}={json.dumps(v, default=str)}" for k, v in fields.items())
-            line = f"keyutil: {level}: {event}" + (f" {parts}" if parts else "")
-        click.echo(line, err=True)
+        click.echo(format_event(self.fmt, level, event, fields), err=True)
 
     def fail(self, exit_code: int, event: str, **fields: Any) -> None:
         self("error", event, {"exit": exit_code, **fields})
@@ -367,7 +365,6 @@ def _transport(kms_url: str, kms_ca: str | None) -> Any:
 @click.option(
     "--source-ca",
     type=click.Path(exists=True, dir_okay=False),
-    envvar="KEYUTIL_SOURCE_CA",
     help="For --unseal https://: trust only this CA file.",
 )
 @click.option(
@@ -598,10 +595,18 @@ def health(
     "--to",
     "destination",
     required=True,
-    metavar="HOST:PORT",
+    metavar="URL",
     envvar="KEYUTIL_PROXY_TO",
-    help="The one TCP destination, HOST:PORT (a name or an IP; IPv6 as [ADDR]:PORT). "
-    "A name is resolved afresh for every connection.",
+    help="The one destination: tcp://HOST:PORT or HOST:PORT (a name or an IP; IPv6 as "
+    "[ADDR]:PORT), unix:///PATH, vsock://CID:PORT, or vsock://enclave:NAME:PORT (the "
+    "enclave's CID from 'nitro-cli describe-enclaves'). Names are looked up afresh for "
+    "every connection.",
+)
+@click.option(
+    "--nitro-cli",
+    envvar="KEYUTIL_NITRO_CLI",
+    default="nitro-cli",
+    help="The nitro-cli program that finds vsock://enclave:NAME:PORT destinations.",
 )
 @click.option(
     "--allow",
@@ -652,17 +657,25 @@ def proxy(
     connect_timeout: float,
     grace: float,
     log_format: str,
+    nitro_cli: str,
 ) -> None:
-    """Forward connections from the enclave (vsock) to the KMS over TCP, on the parent instance.
+    """Forward connections between vsock, unix and TCP, in any direction.
 
+    \b
+    On the parent instance:  --listen vsock://:8000 --to kms.example.com:443  (to the KMS)
+                             --listen tcp://0.0.0.0:8080 --to vsock://enclave:app:5001
+    In the enclave ('keyutil run' starts these from its config):
+                             --listen vsock://:5001 --to tcp://127.0.0.1:4000  (inbound)
+                             --listen tcp://127.0.0.1:8443 --to vsock://3:8443  (egress)
     \b
     Bytes only: the keys cross this host sealed to the enclave and the KMS's answer is
     signed, so the proxy never needs, and never logs, what it carries.
     \b
-    The destination must be on the allowlist (--allow and --allowlist together); with
+    A TCP destination must be on the allowlist (--allow and --allowlist together); with
     neither, the allowlist is the destination itself, as typed. Names and addresses are
     compared as written, not resolved. A destination outside it is refused at start
-    (exit 2, nothing listens), and checked again for every connection.
+    (exit 2, nothing listens), and checked again for every connection. unix and vsock
+    destinations are local to the machine and take no allowlist.
     \b
     One log line per connection (event "connection"): peer, destination, dest_address,
     bytes_to_dest, bytes_to_client, duration_s and end: client_closed, dest_closed,
@@ -680,19 +693,23 @@ def proxy(
     except p.ProxyConfigError as e:
         raise click.BadParameter(str(e), param_hint="--listen") from None
     try:
-        to = p.parse_hostport(destination)
+        to = p.parse_destination(destination)
     except p.ProxyConfigError as e:
         raise click.BadParameter(str(e), param_hint="--to") from None
-    try:
-        allowlist = p.build_allowlist(to, allow, allowlist_file)
-    except p.ProxyConfigError as e:
-        log.fail(EXIT_USAGE, "allowlist_invalid", message=str(e))
-        return
-    try:
-        allowlist.check(to)
-    except p.Refused as e:
-        log.fail(EXIT_USAGE, "refused", destination=str(to), reason=str(e))
-        return
+    allowlist: p.Allowlist | None = None
+    if isinstance(to, p.HostPort):
+        try:
+            allowlist = p.build_allowlist(to, allow, allowlist_file)
+        except p.ProxyConfigError as e:
+            log.fail(EXIT_USAGE, "allowlist_invalid", message=str(e))
+            return
+        try:
+            allowlist.check(to)
+        except p.Refused as e:
+            log.fail(EXIT_USAGE, "refused", destination=str(to), reason=str(e))
+            return
+    elif allow or allowlist_file:
+        raise click.UsageError("--allow and --allowlist apply to TCP destinations only")
     config = p.ProxyConfig(
         listen=listen_at,
         to=to,
@@ -702,7 +719,9 @@ def proxy(
         connect_timeout=connect_timeout,
         grace=grace,
     )
-    server = p.Proxy(config, log)
+    from keyutil.host.nitro import NitroCli
+
+    server = p.Proxy(config, log, find_enclave=NitroCli(nitro_cli).find_cid)
     try:
         server.open()
     except p.ListenError as e:
@@ -860,9 +879,190 @@ def verify_provenance(statement_file: str, kms_pubkey: str, application: str | N
             click.echo(f"{field:<13} {result[field]}")
 
 
+# -- the enclave's plumbing: run (in the enclave), logs and wait-ready (on the host) --------
+
+
+@cli.command("run")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    envvar="KEYUTIL_RUN_CONFIG",
+    help="The TOML configuration, baked into the image (so it is measured).",
+)
+def run_enclave(config_path: str) -> None:
+    """The enclave's entrypoint (PID 1): set up, release keys, start the app, supervise it.
+
+    \b
+    Steps, in order, each named in the log with its exit code on failure (the app then
+    never starts): log (the bridge to the host), net_up 8, tmpfs 7, keys 3-7 (get-key's
+    codes, failing over between [kms] urls), sealed 3-9, forward 3, host_settings (optional,
+    never fails), workdir 10, app 10. Then it reaps every child, passes SIGTERM/SIGINT to the
+    app and exits with the app's status (128+N after signal N).
+    \b
+    The app's stdout and stderr go to the console and, with [log] to, to the host: the
+    host sees them. Reference: docs/deploy.md.
+    \b
+    Exit codes: the app's own status once it ran; 2 configuration; otherwise the failed
+    step's code above.
+    """
+    from keyutil.enclave.config import ConfigError, load_config
+    from keyutil.enclave.supervisor import Supervisor, become_subreaper
+
+    try:
+        config = load_config(config_path)
+    except ConfigError as e:
+        EventLog("text", 0).fail(EXIT_USAGE, "step_failed", step="config", message=str(e))
+        return
+    if os.getpid() != 1:
+        become_subreaper()
+    sys.exit(Supervisor(config).run())
+
+
+@cli.command("logs")
+@click.option(
+    "--listen",
+    required=True,
+    metavar="URL",
+    envvar="KEYUTIL_LOGS_LISTEN",
+    help="Where enclaves send their logs: vsock://:PORT, unix:///PATH or tcp://IP:PORT.",
+)
+@click.option(
+    "--append",
+    "append_path",
+    type=click.Path(dir_okay=False),
+    envvar="KEYUTIL_LOGS_APPEND",
+    help="Also append every line to FILE.",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    help="Each record on stdout as a text line, or as a JSON object with ts, cid, stream "
+    "and line (events: event and its fields).",
+)
+def logs(listen: str, append_path: str | None, log_format: str) -> None:
+    """Print what enclaves send over the log bridge ('keyutil run' with [log] to).
+
+    \b
+    One line per record on stdout, with the enclave's CID and the stream (supervisor,
+    stdout, stderr); "dropped N lines" when the enclave's buffer overflowed while
+    nothing listened; "connected"/"disconnected" (with the wire error, if any) per
+    connection. Control characters from the enclave are escaped.
+    \b
+    Exit codes: 0 stopped by SIGTERM/SIGINT, 2 usage, 3 cannot listen, 7 cannot open
+    the --append file.
+    """
+    import signal
+    import threading
+
+    from keyutil import proxy as p
+    from keyutil.host.logsink import LogServer, Printer
+
+    log = EventLog("text", 0)
+    try:
+        listen_at = p.parse_listen(listen)
+    except p.ProxyConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--listen") from None
+    try:
+        append = open(append_path, "a", encoding="utf-8") if append_path else None  # noqa: SIM115
+    except OSError as e:
+        log.fail(EXIT_OUTPUT, "append_failed", path=append_path, message=e.strerror)
+        return
+    try:
+        server = LogServer(listen_at, Printer(sys.stdout, log_format, append))
+    except OSError as e:
+        log.fail(EXIT_UNAVAILABLE, "listen_failed", listen=str(listen_at), message=str(e))
+        return
+    log("info", "listening", {"listen": str(listen_at), "append": append_path})
+
+    def stop(*_: Any) -> None:
+        threading.Thread(target=server.shutdown, daemon=True).start()
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, stop)
+    with server:
+        server.serve_forever(poll_interval=0.2)
+    if append is not None:
+        append.close()
+
+
+@cli.command("wait-ready")
+@click.option(
+    "--target",
+    required=True,
+    metavar="URL",
+    envvar="KEYUTIL_WAIT_READY_TARGET",
+    help="vsock://CID:PORT, vsock://enclave:NAME:PORT, tcp://HOST:PORT or unix:///PATH.",
+)
+@click.option(
+    "--http",
+    "http_path",
+    metavar="PATH",
+    help="GET this path and wait for a 2xx; without it, a connection that stays open.",
+)
+@deadline_option(60.0)
+@click.option(
+    "--nitro-cli",
+    envvar="KEYUTIL_NITRO_CLI",
+    default="nitro-cli",
+    help="The nitro-cli program that finds vsock://enclave:NAME:PORT targets.",
+)
+@log_format_option
+@verbose_option
+def wait_ready_command(
+    target: str,
+    http_path: str | None,
+    deadline: float,
+    nitro_cli: str,
+    log_format: str,
+    verbose: int,
+) -> None:
+    """Wait until the app inside the enclave answers, up to --deadline.
+
+    \b
+    A connected vsock is not a live app: a forwarder accepts whether or not the app
+    behind it is up. Each attempt asks for an answer (--http PATH: a 2xx; otherwise a
+    connection the peer keeps open), with backoff from 0.1 s to 2 s. The target is
+    looked up again at every attempt (an enclave by name follows a restart).
+    \b
+    Exit codes: 0 ready (stdout: {"status": "ready", ...}), 2 usage, 3 not ready by the
+    deadline (stdout: {"status": "not_ready", "error": LAST ERROR}).
+    """
+    from keyutil import proxy as p
+    from keyutil.host.nitro import NitroCli
+    from keyutil.host.ready import GaveUp, check_once, wait_ready
+
+    log = EventLog(log_format, verbose)
+    try:
+        dest = p.parse_destination(target)
+    except p.ProxyConfigError as e:
+        raise click.BadParameter(str(e), param_hint="--target") from None
+    if http_path is not None and not http_path.startswith("/"):
+        raise click.BadParameter("expected a path starting with /", param_hint="--http")
+    finder = NitroCli(nitro_cli).find_cid
+
+    def attempt(n: int, error: str | None) -> None:
+        log("debug", "attempt", {"attempt": n, "error": error})
+
+    result = wait_ready(
+        lambda timeout: check_once(dest, http_path, timeout, find_enclave=finder),
+        deadline,
+        on_attempt=attempt,
+    )
+    answer: dict[str, Any] = {"target": target, "attempts": result.attempts}
+    if isinstance(result, GaveUp):
+        click.echo(json.dumps({"status": "not_ready", **answer, "error": result.last_error}))
+        log.fail(EXIT_UNAVAILABLE, "not_ready", attempts=result.attempts, error=result.last_error)
+        return
+    answer.update(elapsed_s=result.elapsed_s, detail=result.detail)
+    click.echo(json.dumps({"status": "ready", **answer}))
+
+
 # The sealing commands (seal, unseal, recipient, exec) live with the age code and reuse this
-# module's options, so they are registered after those, and before ENVVARS below. Hidden from
-# mypy, which would otherwise see an import cycle and lose the types of those options.
+# module's options, so they are registered last. Hidden from mypy, which would otherwise see an
+# import cycle and lose the types of those options.
 if not TYPE_CHECKING:
     from keyutil.sealing.commands import register as _register_sealing
 

@@ -1,6 +1,7 @@
-"""``keyutil proxy``: the parent instance's forwarder from vsock (or a unix socket) to the KMS.
+"""``keyutil proxy``: a forwarder between vsock, unix and TCP, in every direction.
 
-    $ keyutil proxy --listen vsock://:8000 --to kms.example.com:443
+    $ keyutil proxy --listen vsock://:8000 --to kms.example.com:443          # to the KMS
+    $ keyutil proxy --listen tcp://0.0.0.0:8080 --to vsock://enclave:app:5001  # inbound
 
     >>> from keyutil.proxy import build_allowlist, parse_hostport, parse_listen
     >>> to = parse_hostport("KMS.example.com.:443")
@@ -15,8 +16,10 @@ The enclave reaches the KMS only through this process, which the enclave does no
 keys cross it sealed to the enclave's attested key and the KMS's answer is signed, so the proxy
 moves bytes and nothing else. It never parses, stores or logs them.
 
-One destination, checked against an allowlist at start (refused: exit 2, nothing listens) and
-again for every connection, whose name is resolved afresh each time. Per connection, two
+One destination (:func:`parse_destination`: TCP, unix, vsock by CID, or an enclave by name,
+whose CID is looked up at every connection). A TCP destination is checked against an
+allowlist at start (refused: exit 2, nothing listens) and again for every connection, whose
+name is resolved afresh each time. Per connection, two
 pumps (one thread each way) copy through one reusable buffer each; an end of stream from one
 side is passed on as ``shutdown(SHUT_WR)`` to the other, and the connection ends when both
 directions have ended, when neither has moved a byte for ``idle_timeout`` seconds, or on an
@@ -81,6 +84,9 @@ Log = Callable[[str, str, Mapping[str, Any]], None]
 
 Resolver = Callable[[str, int, float], list[tuple[int, Any]]]
 """``resolve(host, port, timeout)``: (family, sockaddr) pairs to try, in order."""
+
+EnclaveFinder = Callable[[str, float], int]
+"""``find(name, timeout)``: the CID of the running enclave ``name``; LookupError if none."""
 
 
 class ProxyConfigError(ValueError):
@@ -165,6 +171,91 @@ def _parse_hostport(text: str) -> HostPort:
     if ":" in host:
         raise ProxyConfigError(f"write an IPv6 address in brackets, [{host}]:{port}")
     return HostPort(_normal_host(host), _port(port, text))
+
+
+@dataclasses.dataclass(frozen=True)
+class UnixDest:
+    """A unix socket destination (the tests' stand-in for vsock, or a local server)."""
+
+    path: str
+
+    def __str__(self) -> str:
+        return f"unix://{self.path}"
+
+
+@dataclasses.dataclass(frozen=True)
+class VsockDest:
+    """An AF_VSOCK destination by CID: 3 is the parent instance, 4 and up an enclave."""
+
+    cid: int
+    port: int
+
+    def __str__(self) -> str:
+        return f"vsock://{self.cid}:{self.port}"
+
+
+@dataclasses.dataclass(frozen=True)
+class EnclaveDest:
+    """An enclave by name: its CID is looked up (``nitro-cli describe-enclaves``) at every
+    connection, so a forwarder follows an enclave restarted with a new CID."""
+
+    name: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"vsock://enclave:{self.name}:{self.port}"
+
+
+Destination = HostPort | UnixDest | VsockDest | EnclaveDest
+
+_ENCLAVE_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
+
+
+def parse_destination(text: str, *, what: str = "") -> Destination:
+    """``tcp://HOST:PORT`` (or a bare ``HOST:PORT``), ``unix:///PATH``, ``vsock://CID:PORT``
+    or ``vsock://enclave:NAME:PORT``; ProxyConfigError saying why not."""
+    try:
+        return _parse_destination(text.strip())
+    except ProxyConfigError as e:
+        raise ProxyConfigError(f"{what}: {e}" if what else str(e)) from None
+
+
+def _parse_destination(text: str) -> Destination:
+    scheme, sep, rest = text.partition("://")
+    if not sep:
+        return _parse_hostport(text)
+    scheme = scheme.lower()
+    if scheme == "tcp":
+        return _parse_hostport(rest.removesuffix("/"))
+    if scheme == "unix":
+        if not rest.startswith("/") or "?" in rest or "#" in rest:
+            raise ProxyConfigError(f"expected unix:///absolute/path.sock; found {text[:80]!r}")
+        if len(os.fsencode(rest)) > 107:
+            raise ProxyConfigError(f"a unix socket path has at most 107 bytes: {rest[:80]!r}")
+        return UnixDest(rest)
+    if scheme == "vsock":
+        host, sep, port_text = rest.removesuffix("/").rpartition(":")
+        if not sep:
+            raise ProxyConfigError(f"expected vsock://CID:PORT; found {text[:80]!r}")
+        port = _port(port_text, text)
+        if host.startswith("enclave:"):
+            name = host.removeprefix("enclave:")
+            if not _ENCLAVE_NAME.match(name):
+                raise ProxyConfigError(
+                    f"expected vsock://enclave:NAME:PORT with a name of letters, digits, '.', "
+                    f"'_' and '-'; found {name[:60]!r}"
+                )
+            return EnclaveDest(name, port)
+        if not host.isdigit() or int(host) > 0xFFFFFFFF:
+            raise ProxyConfigError(
+                f"expected vsock://CID:PORT (numeric CID) or vsock://enclave:NAME:PORT; "
+                f"found {text[:80]!r}"
+            )
+        return VsockDest(int(host), port)
+    raise ProxyConfigError(
+        "expected tcp://HOST:PORT, HOST:PORT, unix:///PATH, vsock://CID:PORT or "
+        f"vsock://enclave:NAME:PORT; found {text[:80]!r}"
+    )
 
 
 VMADDR_CID_ANY = 0xFFFFFFFF
@@ -337,8 +428,8 @@ class ProxyConfig:
     """What ``keyutil proxy`` was asked to do; ``allowlist`` from :func:`build_allowlist`."""
 
     listen: ListenAddress
-    to: HostPort
-    allowlist: Allowlist
+    to: Destination
+    allowlist: Allowlist | None  # None: not a TCP destination (the allowlist is for those)
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
@@ -350,6 +441,8 @@ class ProxyConfig:
             raise ProxyConfigError("max_connections must be at least 1")
         if self.idle_timeout <= 0 or self.connect_timeout <= 0 or self.grace < 0:
             raise ProxyConfigError("timeouts must be positive (the grace may be 0)")
+        if isinstance(self.to, HostPort) and self.allowlist is None:
+            raise ProxyConfigError("a TCP destination needs an allowlist")
 
 
 def build_allowlist(
@@ -392,12 +485,86 @@ def describe_peer(sock: socket.socket) -> str:
 
 
 def _sockaddr_text(family: int, address: Any) -> str:
+    if family == socket.AF_UNIX:
+        return f"unix:{address}"
     host, port = address[:2]
+    if family == socket.AF_VSOCK:
+        return f"vsock:{host}:{port}"
     return f"[{host}]:{port}" if family == socket.AF_INET6 else f"{host}:{port}"
+
+
+def find_enclave_cid(name: str, timeout: float) -> int:
+    """The default :data:`EnclaveFinder`: ``nitro-cli describe-enclaves`` (see
+    :mod:`keyutil.host.nitro`; its path from ``KEYUTIL_NITRO_CLI``)."""
+    from keyutil.host.nitro import NitroCli
+
+    return NitroCli.from_env().find_cid(name, timeout)
+
+
+def destination_addresses(
+    to: Destination, timeout: float, resolve: Resolver, find_enclave: EnclaveFinder
+) -> list[tuple[int, Any]]:
+    """(family, sockaddr) pairs to try for ``to``, looked up now: a name through
+    ``resolve``, an enclave name through ``find_enclave``. OSError, TimeoutError or
+    LookupError when there is none."""
+    if isinstance(to, HostPort):
+        return resolve(to.host, to.port, timeout)
+    if isinstance(to, UnixDest):
+        return [(socket.AF_UNIX, to.path)]
+    if isinstance(to, VsockDest):
+        return [(socket.AF_VSOCK, (to.cid, to.port))]
+    return [(socket.AF_VSOCK, (find_enclave(to.name, timeout), to.port))]
 
 
 def _reason(e: OSError) -> str:
     return e.strerror or (errno.errorcode.get(e.errno or 0) if e.errno else None) or str(e)
+
+
+def clear_stale_unix(path: str) -> None:
+    """Remove a socket file left by a process that died; refuse a live one or a non-socket."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
+    with socket.socket(socket.AF_UNIX) as probe:
+        try:
+            probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            return
+        except OSError:
+            return  # let bind() report it
+    raise OSError(errno.EADDRINUSE, "another process is listening on it")
+
+
+def connect_destination(
+    to: Destination,
+    timeout: float,
+    *,
+    resolve: Resolver = resolve,
+    find_enclave: EnclaveFinder = find_enclave_cid,
+) -> socket.socket:
+    """A connected stream socket to ``to`` (looked up now), blocking, or OSError/LookupError
+    naming the last failure. For the clients of a destination: wait-ready, the log sender."""
+    deadline = time.monotonic() + timeout
+    last: Exception = OSError(f"no address for {to}")
+    for family, address in destination_addresses(to, timeout, resolve, find_enclave):
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{to}: connect timed out")
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(left)
+            sock.connect(address)
+        except OSError as e:
+            sock.close()
+            last = OSError(e.errno, f"{_sockaddr_text(family, address)}: {_reason(e)}")
+            continue
+        sock.settimeout(None)
+        return sock
+    raise last
 
 
 class _Connection:
@@ -478,11 +645,13 @@ class _Connection:
 
     def _run(self) -> None:
         config = self.proxy.config
-        try:
-            config.allowlist.check(config.to)  # again, for every connection
-        except Refused as e:
-            self.abort("refused", str(e))
-            return
+        if isinstance(config.to, HostPort):  # the allowlist is for internet destinations
+            try:
+                assert config.allowlist is not None
+                config.allowlist.check(config.to)  # again, for every connection
+            except Refused as e:
+                self.abort("refused", str(e))
+                return
         dest = self._connect(config.to, config.connect_timeout)
         if dest is None:
             return
@@ -499,12 +668,18 @@ class _Connection:
         self._pump(self.client, dest, "client")
         back.join()
 
-    def _connect(self, to: HostPort, timeout: float) -> socket.socket | None:
+    def _connect(self, to: Destination, timeout: float) -> socket.socket | None:
         deadline = self.proxy.clock() + timeout
         try:
-            targets = self.proxy.resolve(to.host, to.port, timeout)
+            targets = destination_addresses(
+                to, timeout, self.proxy.resolve, self.proxy.find_enclave
+            )
         except (OSError, TimeoutError) as e:
-            self.abort("destination_unreachable", f"resolving {to.host}: {_reason(e)}")
+            name = to.host if isinstance(to, HostPort) else str(to)
+            self.abort("destination_unreachable", f"resolving {name}: {_reason(e)}")
+            return None
+        except LookupError as e:
+            self.abort("destination_unreachable", f"finding {to}: {e}")
             return None
         last = "no address"
         for family, address in targets:
@@ -526,7 +701,8 @@ class _Connection:
             except OSError as e:
                 last = f"{_sockaddr_text(family, address)}: {_reason(e)}"
             else:
-                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if family in (socket.AF_INET, socket.AF_INET6):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 self.dest_address = _sockaddr_text(family, address)
                 return sock
             with self.lock:
@@ -592,7 +768,8 @@ class _Connection:
 
 
 class Proxy:
-    """Listens on one address and forwards every connection to one TCP destination.
+    """Listens on one address and forwards every connection to one destination (TCP, unix,
+    vsock by CID or by enclave name).
 
     Construction does no I/O; :meth:`open` binds (ListenError), :meth:`serve` accepts until
     :meth:`stop` (safe from a signal handler or another thread), then winds down.
@@ -605,10 +782,12 @@ class Proxy:
         *,
         clock: Callable[[], float] = time.monotonic,
         resolve: Resolver = resolve,
+        find_enclave: EnclaveFinder = find_enclave_cid,
     ) -> None:
         self.config = config
         self.clock = clock
         self.resolve = resolve
+        self.find_enclave = find_enclave
         self._log = log
         self._log_lock = threading.Lock()
         self._listener: socket.socket | None = None
@@ -661,22 +840,7 @@ class Proxy:
         return text
 
     def _clear_stale_unix(self, path: str) -> None:
-        """Remove a socket file left by a proxy that died; refuse a live one or a non-socket."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{path} exists and is not a socket")
-        with socket.socket(socket.AF_UNIX) as probe:
-            try:
-                probe.connect(path)
-            except ConnectionRefusedError:
-                os.unlink(path)
-                return
-            except OSError:
-                return  # let bind() report it
-        raise OSError(errno.EADDRINUSE, "another process is listening on it")
+        clear_stale_unix(path)
 
     def _remove_unix(self) -> None:
         if self._unix_inode is None:
@@ -710,8 +874,10 @@ class Proxy:
             {
                 "listen": self.bound,
                 "to": str(config.to),
-                "allowlist": [str(e) for e in config.allowlist.entries],
-                "allowlist_source": config.allowlist.source,
+                "allowlist": [str(e) for e in config.allowlist.entries]
+                if config.allowlist is not None
+                else None,
+                "allowlist_source": config.allowlist.source if config.allowlist else None,
                 "max_connections": config.max_connections,
                 "idle_timeout_s": config.idle_timeout,
                 "connect_timeout_s": config.connect_timeout,

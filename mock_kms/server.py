@@ -13,9 +13,9 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 ``POST /v1/challenge``     a fresh nonce, single use, short-lived
 ``POST /v1/release``       the signed, sealed answer; 4xx for denials, 503 when unavailable
 ``GET  /v1/identity``      ``{"identity": "ed25519:..."}``, the key enclaves pin
-``GET  /v1/recipient``     ``?app=APP&key=NAME``: an application's age recipient, signed
 ``GET  /v1/provenance``    ``?application=APP&name=NAME&type=TYPE``: the signed provenance
                            statement of a typed key (public; no attestation needed)
+``GET  /v1/recipient``     ``?app=APP&key=NAME``: an application's age recipient, signed
 ``GET  /metrics``          Prometheus text: releases by outcome and code, latency histograms,
                            ``kms_build_info{version}`` and ``kms_ready`` (1 ready, 0 not)
 =========================  ===================================================================
@@ -159,8 +159,8 @@ class KmsApp:
             ("GET", "/v1/identity"): self._identity,
             ("POST", "/v1/challenge"): self._challenge,
             ("POST", "/v1/release"): self._release,
-            ("GET", "/v1/recipient"): self._recipient,
             ("GET", "/v1/provenance"): self._provenance,
+            ("GET", "/v1/recipient"): self._recipient,
         }
 
     def __call__(self, environ: Environ, start_response: StartResponse) -> Iterable[bytes]:

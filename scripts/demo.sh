@@ -3,6 +3,9 @@
 # virtualenv, creates a simulated enclave (NSM simulator), starts mock-kms with its
 # in-process chain and the enclave's image registered, releases a key to the enclave with
 # `keyutil get-key`, and shows where the key went (its SHA-256 fingerprint, never the key).
+# Then, briefly: a file sealed with age to the application's recipient and opened in the
+# enclave, and `keyutil run` (the enclave's entrypoint) releasing keys and a sealed dotenv
+# before it starts an app.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -47,4 +50,57 @@ echo "== 5. where the key went"
 echo "   file        $keys/app.key (tmpfs, mode $(stat -c %a "$keys/app.key"), $(stat -c %s "$keys/app.key") bytes)"
 echo "   sha256      $(sha256sum "$keys/app.key" | cut -d' ' -f1)"
 echo "   audit line  $(tail -n 1 "$work/audit.log")"
-echo "   (remove it with: rm -r $keys)"
+
+
+echo "== 6. sealed data: seal on the build host to the app's recipient, open in the enclave"
+# The recipient is public and signed by the KMS identity: keyutil recipient checks it first.
+recipient=$(keyutil recipient --kms "http://127.0.0.1:$port" --kms-pubkey "$identity" \
+  --app demo-app --key weights)
+echo "   recipient   $recipient"
+head -c 1048576 /dev/urandom >"$work/weights.bin"
+if command -v age >/dev/null 2>&1; then
+  age -r "$recipient" -o "$work/weights.age" "$work/weights.bin"   # the stock age tool
+else
+  keyutil seal -r "$recipient" "$work/weights.bin" "$work/weights.age"
+fi
+# In the enclave: the age identity is released and used at once, never written anywhere.
+keyutil get-key --kms "http://127.0.0.1:$port" --kms-pubkey "$identity" --expect-app demo-app \
+  --nsm simulator --sim-dir "$work/sim" --key weights --type age \
+  --unseal "$work/weights.age" --unseal-to "$keys/weights.bin" --deadline 60
+echo "   sealed      $work/weights.age ($(stat -c %s "$work/weights.age") bytes)"
+echo "   opened      $keys/weights.bin, same bytes: $(cmp -s "$work/weights.bin" "$keys/weights.bin" && echo yes || echo NO)"
+
+echo "== 7. keyutil run: the enclave's entrypoint (PID 1) releases keys, then starts the app"
+# A sealed dotenv becomes the app's environment in memory; the app sees the variable, the
+# file system and the logs never do.
+printf 'DB_PASSWORD=%s\n' "$(head -c 12 /dev/urandom | base64)" |
+  keyutil seal -r "$(keyutil recipient --kms "http://127.0.0.1:$port" \
+    --kms-pubkey "$identity" --app demo-app --key env)" - "$work/secrets.env.age"
+cat >"$work/run.toml" <<TOML
+[network]
+loopback = false               # a real enclave: true (lo up, as keyutil net-up)
+
+[kms]
+urls = ["http://127.0.0.1:$port"]
+pubkey = "$identity"
+
+[[keys]]
+names = ["app"]
+dir = "$keys/run"
+expect_app = "demo-app"
+
+[[sealed]]
+key = "env"
+source = "$work/secrets.env.age"
+format = "dotenv"
+
+[app]
+command = ["python3", "-c", "import os; print('app: key file', os.path.getsize(os.environ['KEY_FILE']), 'bytes; DB_PASSWORD set:', 'DB_PASSWORD' in os.environ)"]
+workdir = "$work"
+env = { KEY_FILE = "$keys/run/app" }
+TOML
+mkdir -m 0700 "$keys/run"
+KEYUTIL_NSM=simulator KEYUTIL_SIM_DIR="$work/sim" keyutil run --config "$work/run.toml" \
+  2>"$work/run.log"
+echo "   app exited 0; the supervisor's log: $work/run.log (names, never values)"
+echo "   (remove the keys with: rm -r $keys)"

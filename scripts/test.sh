@@ -17,14 +17,14 @@ if [ -f package.json ]; then
 fi
 # Debian packages of the real peers the tests start, installed when missing (one apt-get
 # update, then one install): socat, the other real vsock/unix-to-TCP proxy (end-to-end proxy
-# tests); systemd (systemd-analyze) verifies the example unit (examples/kms), the image has
-# it; age, the stock age CLI (sealed data interop, both ways); time, /usr/bin/time, which
-# measures a child's own peak RSS (constant-memory unseal test, benchmarks).
+# tests); age, the stock age CLI (sealed data interop, both ways); time, /usr/bin/time, which
+# measures a child's own peak RSS (constant-memory unseal test, benchmarks); systemd
+# (systemd-analyze), which verifies the example unit (examples/kms).
 missing=()
 command -v socat >/dev/null 2>&1 || missing+=(socat)
-command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 command -v age >/dev/null 2>&1 || missing+=(age)
 [ -x /usr/bin/time ] || missing+=(time)
+command -v systemd-analyze >/dev/null 2>&1 || missing+=(systemd)
 if [ "${#missing[@]}" -gt 0 ]; then
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "== installing ${missing[*]}"

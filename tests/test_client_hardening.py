@@ -192,8 +192,9 @@ def test_expect_app_from_the_environment_as_the_example_image_sets_it(
         auto_envvar_prefix="KEYUTIL",
     )
     assert result.exit_code == 6 and result.stdout == ""
-    dockerfile = (Path(__file__).parent.parent / "examples/enclave/Dockerfile").read_text()
-    assert 'KEYUTIL_GET_KEY_EXPECT_APP="${EXPECT_APP}"' in dockerfile
+    # The example image pins its application in the configuration keyutil run reads.
+    run_toml = (Path(__file__).parent.parent / "examples/enclave/run.toml").read_text()
+    assert '\nexpect_app = "demo-app"' in run_toml
 
 
 def test_a_debug_answer_is_reported_and_logged_as_debug(nsm: SimulatedNSM, kms: FakeKms) -> None:

@@ -1,5 +1,5 @@
 """examples/host: run.sh against a stand-in `nitro-cli`, proxy.sh's command lines, and the
-examples' settings agreeing with each other (image, entrypoint, proxy, allowlist).
+examples' settings agreeing with each other (image, run.toml, proxy, allowlist, units).
 
 This machine has no nitro-cli, vsock-proxy or socat: stand-ins on PATH print what the real
 ones print (describe-enclaves JSON in nitro-cli's format) and record how they were called.
@@ -188,7 +188,52 @@ def test_start_runs_the_enclave_and_reports_its_cid_without_console(host: Host) 
         ["nitro-cli", "run-enclave", "--eif-path", str(host.eif), "--enclave-name", "app",
          "--cpu-count", "2", "--memory", "2048"],
         ["nitro-cli", "describe-enclaves"],
+        ["keyutil", "wait-ready", "--target", "vsock://enclave:app:5001", "--deadline", "120",
+         "--nitro-cli", "nitro-cli", "--http", "/healthz"],
     ]  # fmt: skip
+
+
+def test_start_fails_with_3_when_the_app_does_not_answer(host: Host) -> None:
+    host.answer("run-enclave", run_answer())
+    host.answer("wait-ready", '{"status": "not_ready"}\n', rc=3)
+    result = host.run(RUN_SH, "start", READY_PATH="", READY_DEADLINE="5")
+    assert result.returncode == 3
+    assert result.stdout == "17\n"  # the CID; wait-ready's JSON goes to stderr
+    assert "did not answer within 5s" in result.stderr
+    assert host.calls()[-1] == [
+        "keyutil", "wait-ready", "--target", "vsock://enclave:app:5001", "--deadline", "5",
+        "--nitro-cli", "nitro-cli",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("command", "env", "argv"),
+    [
+        ("inbound", {}, ["keyutil", "proxy", "--listen", "tcp://0.0.0.0:8080",
+                         "--to", "vsock://enclave:app:5001", "--nitro-cli", "nitro-cli"]),
+        ("logs", {"LOG_FILE": "/var/log/e.log"},
+         ["keyutil", "logs", "--listen", "vsock://:9000", "--append", "/var/log/e.log"]),
+        ("logs", {}, ["keyutil", "logs", "--listen", "vsock://:9000"]),
+        ("egress", {"EGRESS_TO": "api.example.com:443"},
+         ["keyutil", "proxy", "--listen", "vsock://:8443", "--to", "api.example.com:443",
+          "--allowlist", "/etc/keyrelease/egress.yaml"]),
+        ("ready", {"READY_PATH": "/h"},
+         ["keyutil", "wait-ready", "--target", "vsock://enclave:app:5001", "--deadline", "120",
+          "--nitro-cli", "nitro-cli", "--http", "/h"]),
+    ],
+)
+def test_forwarders_sink_and_readiness_command_lines(
+    host: Host, command: str, env: dict[str, str], argv: list[str]
+) -> None:
+    result = host.run(RUN_SH, command, **env)
+    assert result.returncode == 0, result.stderr
+    assert host.calls() == [argv]
+
+
+def test_egress_without_a_destination_is_a_usage_error(host: Host) -> None:
+    result = host.run(RUN_SH, "egress")
+    assert result.returncode == 2 and "EGRESS_TO" in result.stderr
+    assert host.calls() == []
 
 
 def test_start_in_debug_mode_with_a_fixed_cid_attaches_the_console(host: Host) -> None:
@@ -320,30 +365,58 @@ def test_allowlist_lists_the_proxy_target_and_nothing_else() -> None:
     assert env["ALLOWLIST"].endswith("/vsock-proxy.yaml")
 
 
-def test_image_pins_the_identity_file_it_copies_and_reaches_the_proxy_port() -> None:
+def run_toml() -> Any:
+    import tomllib
+
+    return tomllib.loads((EXAMPLES / "enclave" / "run.toml").read_text())
+
+
+def enclave_env() -> dict[str, str]:
+    text = (EXAMPLES / "host" / "enclave.env").read_text()
+    return dict(line.split("=", 1) for line in text.splitlines() if line and line[0] != "#")
+
+
+def test_image_runs_keyutil_run_with_the_config_and_identity_it_copies() -> None:
     text = dockerfile()
+    config = run_toml()
+    assert "COPY run.toml /etc/keyutil/run.toml" in text
     assert "COPY kms.pub /etc/keyutil/kms.pub" in text
-    assert "KEYUTIL_KMS_PUBKEY=@/etc/keyutil/kms.pub" in text
-    assert f"KEYUTIL_KMS=vsock://3:{proxy_env()['VSOCK_PORT']}" in text
-    assert "COPY entrypoint.sh /usr/local/bin/entrypoint.sh" in text
-    assert 'ENTRYPOINT ["/usr/local/bin/entrypoint.sh"]' in text
+    assert config["kms"]["pubkey"] == "@/etc/keyutil/kms.pub"
+    assert config["kms"]["urls"] == [f"vsock://3:{proxy_env()['VSOCK_PORT']}"]
+    assert 'ENTRYPOINT ["/usr/local/bin/keyutil", "run", "--config", "/etc/keyutil/run.toml"]' in text
+    assert "COPY app.py /srv/app/app.py" in text
+    assert config["app"]["command"][-1] == "/srv/app/app.py"
+    assert config["app"]["workdir"] == "/srv/app"
+    assert "entrypoint.sh" not in text
 
 
-def test_image_settings_are_ones_the_entrypoint_reads() -> None:
-    entrypoint = (EXAMPLES / "enclave" / "entrypoint.sh").read_text()
-    image_env = re.findall(r"^\s*(?:ENV )?([A-Z_]+)=", dockerfile(), re.M)
-    assert image_env, "no ENV in the Dockerfile"
-    for name in image_env:
-        if name in ("KEYUTIL_NSM", "KEYUTIL_GET_KEY_EXPECT_APP"):  # read by keyutil itself,
-            assert name in entrypoint  # and documented there
-            continue
-        if name == "PYTHONDONTWRITEBYTECODE":  # read by Python: no .pyc written at boot
-            continue
-        assert f"${{{name}:-" in entrypoint, f"{name} is set by the image, unread by entrypoint"
+def test_run_toml_ports_are_the_hosts() -> None:
+    config, env = run_toml(), enclave_env()
+    listens = {f["listen"]: f["to"] for f in config["forward"]}
+    assert listens[f"vsock://:{env['APP_VSOCK_PORT']}"] == "tcp://127.0.0.1:4000"
+    assert config["app"]["env"]["PORT"] == "4000"
+    assert listens["tcp://127.0.0.1:8443"] == f"vsock://3:{env['EGRESS_VSOCK_PORT']}"
+    assert config["log"]["to"] == f"vsock://3:{env['LOG_VSOCK_PORT']}"
+    keys = config["keys"][0]
+    assert config["app"]["env"]["KEY_FILE"] == f"{keys['dir']}/{keys['names'][0]}"
+    assert keys["dir"] in config["tmpfs"]["paths"]
+    egress = (EXAMPLES / "host" / "egress.yaml").read_text()
+    host, port = env["EGRESS_TO"].rsplit(":", 1)
+    assert f"- {{address: {host}, port: {port}}}" in egress
 
 
-def test_entrypoint_and_scripts_are_executable() -> None:
-    for script in (EXAMPLES / "enclave" / "entrypoint.sh", RUN_SH, PROXY_SH):
+def test_units_run_commands_run_sh_has() -> None:
+    for unit in sorted((EXAMPLES / "host").glob("enclave*.service")):
+        text = unit.read_text()
+        assert "EnvironmentFile=/etc/keyrelease/enclave.env" in text
+        commands = re.findall(r"^Exec\w+=\S+/run\.sh (\w+)$", text, re.M)
+        assert commands, unit
+        for command in commands:
+            assert command in ("start", "stop", "inbound", "egress", "logs"), (unit, command)
+
+
+def test_scripts_are_executable() -> None:
+    for script in (RUN_SH, PROXY_SH):
         assert os.access(script, os.X_OK), script
 
 

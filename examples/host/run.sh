@@ -1,10 +1,20 @@
 #!/usr/bin/env bash
-# run.sh: on the parent instance, start the enclave, find its CID, and show its console.
+# run.sh: on the parent instance, start the enclave, wait until its app answers, and carry
+# its traffic and its logs.
 #
 # Usage:
 #   run.sh [start]        nitro-cli run-enclave with the settings below; prints the enclave's
-#                         CID (and writes it to CID_FILE); then attaches the console when
-#                         DEBUG_MODE=1 (a production enclave has no console)
+#                         CID (and writes it to CID_FILE); then, with WAIT_READY=1, waits
+#                         until the app answers (run.sh ready) and fails if it does not;
+#                         with DEBUG_MODE=1 it attaches the console instead of waiting
+#   run.sh ready [NAME]   keyutil wait-ready on the app's vsock port, by enclave name
+#   run.sh inbound        keyutil proxy: INBOUND_LISTEN (TCP) -> the enclave's APP_VSOCK_PORT,
+#                         the enclave found by name at every connection (a restarted
+#                         enclave with a new CID needs no restart of this forwarder)
+#   run.sh egress         keyutil proxy: vsock EGRESS_VSOCK_PORT -> EGRESS_TO (TCP), checked
+#                         against EGRESS_ALLOWLIST: what the app reaches via 127.0.0.1:8443
+#   run.sh logs           keyutil logs: prints what the enclave sends on LOG_VSOCK_PORT (its
+#                         supervisor's log, the app's stdout and stderr), appends to LOG_FILE
 #   run.sh cid [NAME|ID]  print the CID of the running enclave NAME (or enclave id)
 #   run.sh console [NAME|ID]   nitro-cli console (debug-mode enclaves only)
 #   run.sh stop [NAME|ID]      nitro-cli terminate-enclave
@@ -18,8 +28,20 @@
 #                 one at every start
 #   DEBUG_MODE    1: --debug-mode (the console is readable, but PCR0..2 read all zero, so
 #                 the KMS refuses to release keys: for diagnosing the boot only) [0]
-#   CID_FILE      also write the CID to this file, for whatever connects into the enclave
+#   CID_FILE      also write the CID to this file
+#   WAIT_READY    1: start waits for the app (run.sh ready) [1]
+#   APP_VSOCK_PORT   the enclave's inbound forwarder port (run.toml [[forward]]) [5001]
+#   READY_PATH    the app's health path for wait-ready --http; empty: a connection check
+#                 [/healthz]
+#   READY_DEADLINE   seconds wait-ready waits [120]
+#   INBOUND_LISTEN   IP:PORT the inbound forwarder listens on [0.0.0.0:8080]
+#   LOG_VSOCK_PORT   where the enclave sends its logs (run.toml [log] to) [9000]
+#   LOG_FILE      run.sh logs also appends every line to this file [none]
+#   EGRESS_VSOCK_PORT  the enclave's egress port (run.toml [[forward]]) [8443]
+#   EGRESS_TO     the one internet destination of the egress, HOST:PORT [none]
+#   EGRESS_ALLOWLIST   vsock-proxy YAML allowlist for it [/etc/keyrelease/egress.yaml]
 #   NITRO_CLI     the nitro-cli command [nitro-cli]
+#   KEYUTIL       the keyutil command [keyutil]
 #   PYTHON        the Python that parses nitro-cli's JSON (the standard library's json
 #                 module; no jq needed) [python3]
 #
@@ -27,7 +49,9 @@
 # EnclaveName, EnclaveID, ProcessID, EnclaveCID, NumberOfCPUs, CPUIDs, MemoryMiB, State
 # (RUNNING or TERMINATING), Flags (NONE or DEBUG_MODE) and, in recent versions, Measurements.
 #
-# Exit codes: 0 success, 1 nitro-cli failed or the enclave is not running, 2 usage error.
+# Exit codes: 0 success, 1 nitro-cli failed or the enclave is not running, 2 usage error,
+# 3 the app did not answer by READY_DEADLINE (start, ready); inbound, egress and logs exit
+# with keyutil's code.
 set -euo pipefail
 
 EIF_PATH=${EIF_PATH:-app.eif}
@@ -36,7 +60,16 @@ CPU_COUNT=${CPU_COUNT:-2}
 MEMORY_MIB=${MEMORY_MIB:-1024}
 DEBUG_MODE=${DEBUG_MODE:-0}
 NITRO_CLI=${NITRO_CLI:-nitro-cli}
+KEYUTIL=${KEYUTIL:-keyutil}
 PYTHON=${PYTHON:-python3}
+WAIT_READY=${WAIT_READY:-1}
+APP_VSOCK_PORT=${APP_VSOCK_PORT:-5001}
+READY_PATH=${READY_PATH-/healthz}
+READY_DEADLINE=${READY_DEADLINE:-120}
+INBOUND_LISTEN=${INBOUND_LISTEN:-0.0.0.0:8080}
+LOG_VSOCK_PORT=${LOG_VSOCK_PORT:-9000}
+EGRESS_VSOCK_PORT=${EGRESS_VSOCK_PORT:-8443}
+EGRESS_ALLOWLIST=${EGRESS_ALLOWLIST:-/etc/keyrelease/egress.yaml}
 PROG=${0##*/}
 
 die() { # CODE MESSAGE
@@ -86,6 +119,10 @@ start() {
   args=(run-enclave --eif-path "$EIF_PATH" --enclave-name "$ENCLAVE_NAME"
     --cpu-count "$CPU_COUNT" --memory "$MEMORY_MIB")
   if [[ -n ${ENCLAVE_CID:-} ]]; then args+=(--enclave-cid "$ENCLAVE_CID"); fi
+  case $WAIT_READY in
+    0 | 1) ;;
+    *) die 2 "WAIT_READY must be 0 or 1; found '$WAIT_READY'" ;;
+  esac
   case $DEBUG_MODE in
     0) ;;
     1) args+=(--debug-mode) ;;
@@ -103,19 +140,45 @@ except (ValueError, KeyError, TypeError) as e:
   printf 'enclave %s (%s) is running with CID %s\n' "$ENCLAVE_NAME" "$enclave_id" "$FOUND_CID" >&2
   printf '%s\n' "$FOUND_CID"
   if [[ -n ${CID_FILE:-} ]]; then printf '%s\n' "$FOUND_CID" >"$CID_FILE"; fi
+  if [[ $WAIT_READY == 1 && $DEBUG_MODE == 0 ]]; then # a debug enclave gets no keys
+    ready "$ENCLAVE_NAME" >&2 || die 3 "the app in enclave $ENCLAVE_NAME did not answer within ${READY_DEADLINE}s: see its log lines (run.sh logs, or the enclave-logs service)"
+  fi
   if [[ $DEBUG_MODE == 1 ]]; then
     exec "$NITRO_CLI" console --enclave-id "$enclave_id"
   fi
-  printf '%s\n' "no console: the enclave runs in production mode; its keyutil lines show" \
-    "only in debug mode (DEBUG_MODE=1). Watch the KMS audit log and the proxy's log." >&2
+  printf '%s\n' "no console: the enclave runs in production mode; its supervisor's log and" \
+    "the app's output reach this host through 'run.sh logs' (LOG_VSOCK_PORT)." >&2
+}
+
+ready() { # NAME: keyutil wait-ready on the app's inbound port, by enclave name
+  local args=(wait-ready --target "vsock://enclave:$1:$APP_VSOCK_PORT"
+    --deadline "$READY_DEADLINE" --nitro-cli "$NITRO_CLI")
+  if [[ -n $READY_PATH ]]; then args+=(--http "$READY_PATH"); fi
+  "$KEYUTIL" "${args[@]}"
 }
 
 command=${1:-start}
-if [[ $# -gt 2 || ($command == start && $# -gt 1) ]]; then
+if [[ $# -gt 2 || ($command =~ ^(start|inbound|egress|logs)$ && $# -gt 1) ]]; then
   die 2 "too many arguments (try --help)"
 fi
 case $command in
   start) start ;;
+  ready) ready "${2:-$ENCLAVE_NAME}" || exit 3 ;;
+  inbound)
+    exec "$KEYUTIL" proxy --listen "tcp://$INBOUND_LISTEN" \
+      --to "vsock://enclave:$ENCLAVE_NAME:$APP_VSOCK_PORT" --nitro-cli "$NITRO_CLI"
+    ;;
+  egress)
+    [[ -n ${EGRESS_TO:-} ]] || die 2 "EGRESS_TO (HOST:PORT) is not set"
+    exec "$KEYUTIL" proxy --listen "vsock://:$EGRESS_VSOCK_PORT" --to "$EGRESS_TO" \
+      --allowlist "$EGRESS_ALLOWLIST"
+    ;;
+  logs)
+    if [[ -n ${LOG_FILE:-} ]]; then
+      exec "$KEYUTIL" logs --listen "vsock://:$LOG_VSOCK_PORT" --append "$LOG_FILE"
+    fi
+    exec "$KEYUTIL" logs --listen "vsock://:$LOG_VSOCK_PORT"
+    ;;
   cid)
     find_enclave "${2:-$ENCLAVE_NAME}"
     printf '%s\n' "$FOUND_CID"
@@ -129,5 +192,5 @@ case $command in
     exec "$NITRO_CLI" terminate-enclave --enclave-id "$FOUND_ID"
     ;;
   -h | --help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' ;;
-  *) die 2 "unknown command '$1' (start, cid, console, stop)" ;;
+  *) die 2 "unknown command '$1' (start, ready, inbound, egress, logs, cid, console, stop)" ;;
 esac

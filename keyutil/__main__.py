@@ -1,0 +1,6 @@
+"""``python -m keyutil``: the same as the ``keyutil`` command (``keyutil run`` starts its
+get-key this way, with the interpreter it runs on)."""
+
+from keyutil.cli import main
+
+main()
