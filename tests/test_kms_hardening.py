@@ -130,7 +130,10 @@ def test_a_forged_document_is_audited_as_claimed_and_never_reaches_a_log_line(
     tmp_path: Path, clock: Clock, chain: EmbeddedAllowlist, caplog: pytest.LogCaptureFixture
 ) -> None:
     forged_id = "i-evil\nINFO release ok: forged"
-    sim = make_sim(tmp_path / "sim", clock, module_id=forged_id)
+    sim = make_sim(tmp_path / "sim", clock)
+    # The simulator refuses such an id (it is no real one); a forger's document carries it
+    # anyway: set it past the simulator's check.
+    object.__setattr__(sim.identity, "module_id", forged_id)
     app = kms(tmp_path, sim, chain, clock)
     request = Enclave(sim).request(app.service)
     document = bytearray(p.b64d(request["attestation"], "attestation"))
