@@ -456,3 +456,18 @@ def test_version_everywhere_comes_from_the_package_metadata() -> None:
     for prog in (KEYUTIL, MOCK_KMS):
         done = run(prog, "--version")
         assert (done.returncode, done.stdout) == (0, f"{Path(prog).name} {version}\n")
+
+
+def test_python_m_keyutil_exits_with_the_commands_status() -> None:
+    """keyutil run starts get-key as ``python -m keyutil``: a refusal there must not read as
+    success (the supervisor would start the app without its keys)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "keyutil", "get-key", "--kms", "127.0.0.1:1",
+         "--insecure-skip-kms-auth", "--stdout"],
+        capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "did you mean http://127.0.0.1:1" in result.stderr

@@ -45,7 +45,10 @@ def example_config(d: Path, identity: str) -> str:
 def test_the_example_image_boots_releases_its_key_and_answers_healthz(
     setup: Setup, sockdir: Path
 ) -> None:
-    kms = setup.kms(unix=sockdir / "kms.sock").start().wait_listening()
+    # The image expects its keys to be demo-app's (run.toml's expect_app).
+    kms = setup.kms(
+        unix=sockdir / "kms.sock", images=(f"{setup.image}=demo-app",)
+    ).start().wait_listening()
     logs = subprocess.Popen(
         [KEYUTIL, "logs", "--listen", f"unix://{sockdir}/log.sock", "--log-format", "json"],
         stdout=(sockdir / "sink.out").open("wb"), stderr=subprocess.DEVNULL,

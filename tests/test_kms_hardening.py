@@ -19,6 +19,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import cbor2
 import pytest
 from test_service import APP_A, KEYS, Clock, Enclave, call, make_sim
 
@@ -130,15 +131,16 @@ def test_a_forged_document_is_audited_as_claimed_and_never_reaches_a_log_line(
     tmp_path: Path, clock: Clock, chain: EmbeddedAllowlist, caplog: pytest.LogCaptureFixture
 ) -> None:
     forged_id = "i-evil\nINFO release ok: forged"
-    sim = make_sim(tmp_path / "sim", clock)
-    # The simulator refuses such an id (it is no real one); a forger's document carries it
-    # anyway: set it past the simulator's check.
-    object.__setattr__(sim.identity, "module_id", forged_id)
+    sim = make_sim(tmp_path / "sim", clock)  # the simulator itself refuses such an id
     app = kms(tmp_path, sim, chain, clock)
     request = Enclave(sim).request(app.service)
-    document = bytearray(p.b64d(request["attestation"], "attestation"))
-    document[-1] ^= 1  # the last byte is the signature's
-    request["attestation"] = p.b64e(bytes(document))
+    # The attacker's own document: the genuine one with its module_id replaced, so its
+    # signature no longer verifies.
+    cose = cbor2.loads(p.b64d(request["attestation"], "attestation"))
+    payload = cbor2.loads(cose[2])
+    payload["module_id"] = forged_id
+    cose[2] = cbor2.dumps(payload)
+    request["attestation"] = p.b64e(cbor2.dumps(cose))
     with caplog.at_level(logging.DEBUG):
         status, answer = call(app, "POST", "/v1/release", json.dumps(request).encode())
     assert status.startswith("403") and answer["error"] == ErrorCode.SIGNATURE_INVALID
