@@ -39,11 +39,11 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 
 from fuzz.mutate import Chooser, chance, pick
 from fuzz.targets import Execution, _Inflight
-from keyutil.protocol import ProtocolError
+from keyutil.protocol import ProtocolError, parse_application
 from keyutil.sealing import age
 from keyutil.sealing.age import CHUNK, CODES, SEALED_CHUNK, Identity, SealedError
 from keyutil.sealing.dotenv import NAME, DotenvError, parse_dotenv
-from keyutil.sealing.recipient import application_id, sign_statement, verify_statement
+from keyutil.sealing.recipient import sign_statement, verify_statement
 
 FUZZ_IDENTITY = Identity(bytes(range(7, 39)))
 OTHER = Identity(bytes(range(9, 41)))
@@ -234,7 +234,7 @@ class DotenvTarget(_Inflight):
 
 
 _RECIPIENT_KMS = ed25519.Ed25519PrivateKey.from_private_bytes(bytes(range(40, 72)))
-_APP = application_id("fuzz-app")
+_APP = parse_application("fuzz-app")
 _JUNK: tuple[Any, ...] = (None, True, 1, 1.0, "", "x", [], {}, "0x" + "00" * 32,
                           str(FUZZ_IDENTITY.recipient), "weights", "age", "raw")
 

@@ -41,6 +41,8 @@ EXIT_NSM = 5
 EXIT_UNAUTHENTICATED = 6
 EXIT_OUTPUT = 7
 EXIT_NETWORK = 8
+EXIT_SEALED = 9  # sealed input refused (keyutil/sealing/commands.py)
+EXIT_EXEC_FAILED = 127  # keyutil exec: the command cannot be executed, as a shell says
 
 
 def _hex(length: int | None = None) -> Callable[[click.Context, click.Parameter, Any], Any]:

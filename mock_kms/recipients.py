@@ -12,8 +12,8 @@ from __future__ import annotations
 from typing import Any
 
 from keyutil import keytypes
-from keyutil.protocol import KeyRequest, ProtocolError
-from keyutil.sealing.recipient import application_id, sign_statement
+from keyutil.protocol import KeyRequest, ProtocolError, parse_application
+from keyutil.sealing.recipient import sign_statement
 from mock_kms.errors import ErrorCode, InvalidError
 from mock_kms.state import KmsState
 
@@ -24,7 +24,7 @@ def recipient_statement(
     """The signed statement of the public half of key ``name`` of ``key_type`` of ``app``
     (a name or 0x + 64 hex digits, as ``--allow-image HASH=APP`` takes it)."""
     try:
-        application = application_id(app)
+        application = parse_application(app)
     except ValueError as e:
         raise InvalidError(ErrorCode.APPLICATION_INVALID, f"app: {e}") from None
     try:

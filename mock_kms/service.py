@@ -472,7 +472,9 @@ class ReleaseService:
                 }
             )
             del secret
-            if self.provenance is not None and has_statement(key):
+            # A statement certifies a production key; a debug-domain key gets none (issued,
+            # it would name the production public key, which the enclave did not get).
+            if self.provenance is not None and has_statement(key) and not verified.debug:
                 sealed[-1]["provenance"] = self.provenance.issue(application, key)
         body_out = {
             "version": protocol.PROTOCOL_VERSION,

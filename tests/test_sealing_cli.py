@@ -20,9 +20,9 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from keyutil import keytypes
 from keyutil.cli import cli
 from keyutil.output import OutputError
-from keyutil.protocol import KeyRequest, ProtocolError
+from keyutil.protocol import KeyRequest, ProtocolError, parse_application
 from keyutil.sealing.dotenv import DotenvError, parse_dotenv
-from keyutil.sealing.recipient import application_id, sign_statement, verify_statement
+from keyutil.sealing.recipient import sign_statement, verify_statement
 from keyutil.sealing.streams import PlaintextFile, SourceError, StdoutOutput, open_source
 from mock_kms.recipients import recipient_statement
 from mock_kms.state import KmsState
@@ -92,7 +92,7 @@ def state(tmp_path: Path) -> KmsState:
 
 def test_statement_signed_and_bound_to_app_name_type(state: KmsState) -> None:
     statement = recipient_statement(state, app="app-a", name="weights")
-    app = application_id("app-a")
+    app = parse_application("app-a")
     pub = state.identity.public_key()
     assert statement["application"] == "0x" + app.hex()
     seed = state.derive_key(app, KeyRequest("weights", 32, "age"))
@@ -104,7 +104,7 @@ def test_statement_signed_and_bound_to_app_name_type(state: KmsState) -> None:
                              name="weights", key_type="age")
         assert err.value.code == "recipient_unauthenticated"
     with pytest.raises(ProtocolError) as err:
-        verify_statement(pub, statement, application=application_id("app-b"),
+        verify_statement(pub, statement, application=parse_application("app-b"),
                          name="weights", key_type="age")
     assert err.value.code == "recipient_mismatch"
     with pytest.raises(ProtocolError) as err:
@@ -124,7 +124,7 @@ def test_the_statement_context_keeps_other_signatures_out(state: KmsState) -> No
             if k != "signature"}
     forged = sign_answer(state.identity, body)
     with pytest.raises(ProtocolError):
-        verify_statement(state.identity.public_key(), forged, application=application_id("a"),
+        verify_statement(state.identity.public_key(), forged, application=parse_application("a"),
                          name="k", key_type="age")
     assert sign_statement(state.identity, body)["signature"] != forged["signature"]
 
@@ -136,10 +136,10 @@ def test_the_statement_context_keeps_other_signatures_out(state: KmsState) -> No
 )
 def test_application_ids(text: str, ok: bool) -> None:
     if ok:
-        assert len(application_id(text)) == 32
+        assert len(parse_application(text)) == 32
     else:
         with pytest.raises(ValueError):
-            application_id(text)
+            parse_application(text)
 
 
 def call(app: Any, query: str) -> tuple[str, Any]:

@@ -209,6 +209,16 @@ def test_others_cannot_open_it(env: tuple[Setup, Kms], tmp_path: Path) -> None:
     assert codes(wrong_pin.stderr)[-1] == "answer_unauthenticated"
     assert leftovers(s.keys) == []
     kms.stop()
+    # A KMS that releases to debug enclaves, even as app-a, does so from the debug domain:
+    # the identity it gets is not the one the file is sealed to.
+    lenient = s.kms(
+        "--trust-root", str(debug / "root.pem"), "--allow-debug", "--debug-app", "app-a",
+    ).start().wait_listening()
+    debug_released = s.get_key(lenient.url, *args, sim=debug)
+    assert debug_released.returncode == 9, debug_released.stderr.decode()
+    assert codes(debug_released.stderr)[-1] == "sealed_not_for_key"
+    assert leftovers(s.keys) == []
+    lenient.stop()
 
 
 def test_damaged_files_leave_no_output(env: tuple[Setup, Kms], tmp_path: Path) -> None:

@@ -2,8 +2,10 @@
 
 Registered on the ``keyutil`` group by :mod:`keyutil.cli`; they reuse its options, event log
 and exit codes. Heavy modules (the age format, HPKE, TLS) are imported inside the commands.
-Exit code 9 is theirs: sealed input refused (not for this key, altered, truncated, or a
-malformed dotenv file); its code (:data:`keyutil.sealing.age.CODES`) is logged.
+Exit code 9 (``EXIT_SEALED``) is theirs: sealed input refused (not for this key, altered,
+truncated, another plaintext than pinned, or a malformed dotenv file); its code
+(:data:`keyutil.sealing.age.CODES`) is logged. ``exec`` exits 127 when its command cannot be
+executed.
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import click
 
-from keyutil.api import pinned_identity
 from keyutil.cli import (
     EXIT_DENIED,
+    EXIT_EXEC_FAILED,
     EXIT_NSM,
     EXIT_OUTPUT,
+    EXIT_SEALED,
     EXIT_UNAUTHENTICATED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -36,7 +39,7 @@ from keyutil.cli import (
     sim_dir_option,
     verbose_option,
 )
-from keyutil.nsm import NsmError, NsmKind, open_nsm
+from keyutil.nsm import NsmError, NsmKind
 
 if TYPE_CHECKING:  # the modules themselves load only when a command needs them
     from keyutil.sealing.age import Identity
@@ -44,7 +47,6 @@ if TYPE_CHECKING:  # the modules themselves load only when a command needs them
 
     Output = PlaintextFile | StdoutOutput
 
-EXIT_SEALED = 9
 DEFAULT_SOURCE_TIMEOUT = 60.0
 
 via_option = click.option(
@@ -78,7 +80,6 @@ expect_sha256_option = click.option(
     "--expect-sha256",
     metavar="HEX",
     callback=sha256_option_value,
-    envvar="KEYUTIL_EXPECT_SHA256",
     help="The plaintext's SHA-256 (sha256sum of the file before sealing), baked into the "
     "image: refuse a file sealed by anyone else (the recipient is public). Exit 9, "
     "sealed_digest_mismatch, and no output file.",
@@ -196,52 +197,36 @@ def release_age_identity(
     kms_pubkey: str | None,
     insecure_skip_kms_auth: bool,
     kms_ca: str | None,
+    expect_app: str | None,
     key_name: str,
     suite: str,
     deadline: float,
     nsm_kind: NsmKind,
     sim_dir: Path | None,
 ) -> Identity:
-    """The age Identity of key ``key_name``, released to this enclave, held in memory only."""
-    from keyutil.client import (
-        AnswerRejected,
-        KmsDenied,
-        KmsUnavailable,
-        ReleaseRequest,
-        release_keys,
-    )
-    from keyutil.protocol import SUITE_P384, SUITE_X25519, ProtocolError
+    """The age Identity of key ``key_name``, released to this enclave (``keyutil.get_key``,
+    the same checks as ``get-key``), held in memory only."""
+    from keyutil.api import get_key
+    from keyutil.client import AnswerRejected, KmsDenied, KmsUnavailable
     from keyutil.sealing.age import Identity
 
-    started = time.monotonic()
+    _transport(kms_url, kms_ca)  # --kms and --kms-ca checked as get-key checks them (exit 2)
     try:
-        identity = pinned_identity(kms_pubkey, insecure_skip_kms_auth)
+        keys = get_key(
+            kms_url, kms_pubkey=kms_pubkey, keys=[key_name], types=["age"],
+            suite=suite,  # type: ignore[arg-type]
+            deadline=deadline, nsm=nsm_kind, sim_dir=sim_dir, kms_ca=kms_ca,
+            insecure_skip_kms_auth=insecure_skip_kms_auth, expect_app=expect_app, log=log,
+        )
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    try:
-        request = ReleaseRequest.build(
-            [key_name],
-            types=["age"],
-            suite={"x25519": SUITE_X25519, "p384": SUITE_P384}[suite],
-            identity=identity,
-        )
-    except ProtocolError as e:
-        raise click.UsageError(e.message) from None
-    transport = _transport(kms_url, kms_ca)
-    try:
-        release = release_keys(
-            transport,
-            open_nsm(nsm_kind, sim_dir=sim_dir),
-            request,
-            deadline_s=deadline - (time.monotonic() - started),
-            log=log,
-        )
     except (NsmError, KmsUnavailable, KmsDenied, AnswerRejected) as e:
         fail(log, e)
+    value = keys[key_name]
     try:
-        return Identity(bytes(release.keys[0].value))
+        return Identity(bytes(value))
     finally:
-        release.wipe()
+        value[:] = bytes(len(value))
 
 
 def register(cli: click.Group) -> None:
@@ -413,19 +398,20 @@ def recipient_command(
     import json
     import urllib.parse
 
+    from keyutil.api import pinned_identity
     from keyutil.client import KmsDenied, KmsUnavailable, classify
-    from keyutil.protocol import ProtocolError, parse_identity
+    from keyutil.protocol import ProtocolError, parse_application, parse_identity
     from keyutil.sealing.age import Recipient, SealedError
-    from keyutil.sealing.recipient import application_id, verify_statement
+    from keyutil.sealing.recipient import verify_statement
     from keyutil.transport import TransportError
 
     log = EventLog(log_format, 0)
     try:
-        pinned = parse_identity(pinned_identity(kms_pubkey, insecure_skip_kms_auth=False) or "")
-    except ValueError as e:  # ProtocolError is one
-        raise click.BadParameter(getattr(e, "message", str(e)), param_hint="--kms-pubkey") from None
+        pinned = parse_identity(pinned_identity(kms_pubkey, False) or "")
+    except (ProtocolError, ValueError) as e:
+        raise click.BadParameter(str(e), param_hint="--kms-pubkey") from None
     try:
-        application = application_id(app)
+        application = parse_application(app)
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--app") from None
     transport = _transport(kms_url, kms_ca)
@@ -470,6 +456,12 @@ def recipient_command(
     help="UNSAFE: do not check the answer's signature.",
 )
 @kms_ca_option
+@click.option(
+    "--expect-app",
+    metavar="NAME|0xID",
+    help="The application whose identity this image must get, as for get-key: another "
+    "application's is refused (exit 6) and nothing runs.",
+)
 @click.option("--suite", type=click.Choice(SUITE_CHOICES), default="x25519",
               help="HPKE suite the identity is sealed with.")
 @via_option
@@ -488,6 +480,7 @@ def exec_command(
     kms_pubkey: str | None,
     insecure_skip_kms_auth: bool,
     kms_ca: str | None,
+    expect_app: str | None,
     suite: str,
     via: str | None,
     source_ca: str | None,
@@ -524,6 +517,7 @@ def exec_command(
         kms_pubkey=kms_pubkey,
         insecure_skip_kms_auth=insecure_skip_kms_auth,
         kms_ca=kms_ca,
+        expect_app=expect_app,
         key_name=key_name,
         suite=suite,
         deadline=deadline,
@@ -546,4 +540,4 @@ def exec_command(
         # No shell: COMMAND runs as given, its variables passed in the environment only.
         os.execvpe(command[0], list(command), {**os.environ, **variables})  # noqa: S606
     except OSError as e:
-        log.fail(127, "exec_failed", command=command[0], message=str(e.strerror))
+        log.fail(EXIT_EXEC_FAILED, "exec_failed", command=command[0], message=str(e.strerror))

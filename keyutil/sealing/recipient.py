@@ -1,9 +1,10 @@
 """An application's public key (its age recipient), as the KMS signs it.
 
     >>> from cryptography.hazmat.primitives.asymmetric import ed25519
-    >>> from keyutil.sealing.recipient import application_id, sign_statement, verify_statement
+    >>> from keyutil.protocol import parse_application
+    >>> from keyutil.sealing.recipient import sign_statement, verify_statement
     >>> kms = ed25519.Ed25519PrivateKey.generate()
-    >>> app = application_id("my-app")
+    >>> app = parse_application("my-app")
     >>> body = {"application": "0x" + app.hex(), "name": "weights", "type": "age",
     ...         "recipient": "age1..."}
     >>> statement = sign_statement(kms, body)
@@ -22,7 +23,6 @@ for before printing the recipient. No I/O here.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -33,28 +33,6 @@ from keyutil.protocol import PROTOCOL_VERSION, ProtocolError, b64d, b64e, canoni
 
 RECIPIENT_CONTEXT = b"nitro-keyrelease/v1/recipient"
 STATEMENT_FIELDS = ("version", "application", "name", "type", "recipient")
-_HEX32 = re.compile(r"\A0[xX]([0-9a-fA-F]{64})\Z")
-
-
-def application_id(text: str) -> bytes:
-    """The 32-byte application id as the allowlist stores it (``--allow-image HASH=APP``):
-    ``0x`` + 64 hex digits, or a name of 1 to 32 printable ASCII characters, left-aligned
-    and zero-padded. ValueError otherwise (the zero id is refused)."""
-    match = _HEX32.match(text)
-    if match is not None:
-        value = bytes.fromhex(match.group(1))
-    elif text.startswith(("0x", "0X")):
-        raise ValueError("expected an application id of 0x + 64 hex digits")
-    elif 1 <= len(text) <= 32 and all(0x20 <= ord(c) <= 0x7E for c in text):
-        value = text.encode("ascii").ljust(32, b"\0")
-    else:
-        raise ValueError(
-            "expected an application name of 1 to 32 printable ASCII characters "
-            "(or 0x + 64 hex digits)"
-        )
-    if value == bytes(32):
-        raise ValueError("the zero application id is reserved")
-    return value
 
 
 def statement_signing_bytes(body: Mapping[str, Any]) -> bytes:
