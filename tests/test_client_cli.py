@@ -309,7 +309,7 @@ def test_health_ready(url: str) -> None:
 
 def test_health_not_ready_is_3(url: str, kms: FakeKms) -> None:
     kms.ready = False
-    result = keyutil("health", "--kms", url, "--deadline", "0.5")
+    result = keyutil("health", "--kms", url, "--deadline", "2")
     assert result.exit_code == 3
     assert json.loads(result.stdout)["error"] == "chain_unavailable"
 
