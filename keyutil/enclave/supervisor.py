@@ -28,7 +28,9 @@ app             10    starts the app (not found, not executable)
 Then, as PID 1 (or a child subreaper, ``PR_SET_CHILD_SUBREAPER``, when it is not), it reaps
 every child that ends, orphans included, passes SIGTERM and SIGINT on to the app, and when the
 app exits, logs its status, gives the log bridge ``flush_timeout`` seconds, and exits with the
-app's status (128+N when a signal N ended it), which stops the enclave.
+app's status (128+N when a signal N ended it; 1 if that status was lost), which stops the
+enclave. SIGCHLD is set back to its default first: inherited as ignored, it would make the
+kernel reap children itself and every exit status (get-key's, the app's) read as 0.
 
 The app's stdout and stderr are read line by line and go to the console (unless ``[log]
 console = false``) and to the host over the log bridge: the host sees them. The supervisor's
@@ -82,6 +84,7 @@ PR_SET_CHILD_SUBREAPER = 36
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MAX_HOST_SETTINGS_BYTES = 64 * 1024
 MAX_SETTING_BYTES = 4096
+STATUS_LOST = 1  # the app's exit status could not be read: never taken for a success
 OUTPUT_DRAIN = 1.0  # after the app exits, how long its output readers get to finish
 
 Mount = Callable[[str, str], None]
@@ -221,6 +224,9 @@ class Supervisor:
         """Boot, then supervise the app; the exit code to leave with."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        # An ignored SIGCHLD survives exec; the kernel would then reap every child itself,
+        # and each exit status (a refused get-key's, the app's) would read as 0.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         steps: list[tuple[str, Callable[[], None]]] = [
             ("log", self.step_log),
             ("net_up", self.step_net_up),
@@ -578,12 +584,13 @@ class Supervisor:
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:  # cannot happen while the app lives; be safe
-                status, pid = 0, app.pid
+            except ChildProcessError:  # the status is lost (reaped elsewhere): not a success
+                self.log("error", "app_status_lost", {"pid": app.pid})
+                status, pid = None, app.pid
             if pid == app.pid:
                 break
             reaped += 1
-        code = os.waitstatus_to_exitcode(status)
+        code = STATUS_LOST if status is None else os.waitstatus_to_exitcode(status)
         app.returncode = code
         exit_code = 128 - code if code < 0 else code
         for reader in readers:

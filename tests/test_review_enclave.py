@@ -1,0 +1,87 @@
+"""The enclave side, reviewed as an attacker and as an integrator: paths where an error exit
+was read as success, a host that sends hostile settings, a stop signal that arrives while the
+app is being started. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import json
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from plumbing_support import sockdir
+
+from keyutil.enclave.config import parse_config
+from keyutil.enclave.supervisor import Supervisor
+
+__all__ = ["sockdir"]
+
+KEYS = """
+[supervisor]
+log_format = "json"
+[kms]
+urls = ["vsock://3:8000"]
+pubkey = "@/etc/keyutil/kms.pub"
+deadline = 30
+[[keys]]
+names = ["app"]
+dir = "{d}/keys"
+[app]
+command = ["{d}/app.sh", "{d}/started"]
+"""
+
+
+@pytest.fixture(autouse=True)
+def restore_signals() -> Iterator[None]:
+    kinds = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
+    saved = {s: signal.getsignal(s) for s in kinds}
+    yield
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def _supervisor(text: str, d: Path, **kw: Any) -> tuple[Supervisor, list[str]]:
+    lines: list[str] = []
+    sup = Supervisor(
+        parse_config(text.replace("{d}", str(d))),
+        net_up=lambda: {"interface": "lo"},
+        mount=lambda path, size: None,
+        volatile=lambda path: True,
+        features=lambda: (True, True),
+        **kw,
+    )
+    sup.line = lines.append  # type: ignore[method-assign]
+    return sup, lines
+
+
+def _events(lines: list[str]) -> list[dict[str, Any]]:
+    return [json.loads(x) for x in lines if x.startswith("{")]
+
+
+def _app(d: Path, body: str = 'echo started > "$1"') -> None:
+    app = d / "app.sh"
+    app.write_text(f"#!/bin/sh\n{body}\n")
+    app.chmod(0o755)
+
+
+def test_a_refused_get_key_stops_the_boot_even_when_sigchld_was_ignored(tmp_path: Path) -> None:
+    """An ignored SIGCHLD survives exec: the kernel then reaps children itself, and
+    Popen.wait reads every exit status as 0. A get-key refused with 4 looked released and
+    the app started without its keys."""
+    _app(tmp_path)
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    sup, lines = _supervisor(KEYS, tmp_path, keyutil=["sh", "-c", "exit 4", "get-key"])
+    assert sup.run() == 4
+    assert not (tmp_path / "started").exists()
+    (failed,) = [e for e in _events(lines) if e["event"] == "step_failed"]
+    assert (failed["step"], failed["exit"]) == ("keys", 4)
+
+
+def test_the_apps_failure_is_its_status_even_when_sigchld_was_ignored(tmp_path: Path) -> None:
+    """Under an inherited SIG_IGN, waitpid found no child and the app's exit 3 became 0."""
+    _app(tmp_path, "exit 3")
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    sup, _ = _supervisor(KEYS, tmp_path, keyutil=["true"])
+    assert sup.run() == 3
