@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from plumbing_support import sockdir
+from plumbing_support import StreamServer, sockdir
 
 from keyutil.enclave.config import parse_config
 from keyutil.enclave.supervisor import Supervisor
@@ -40,6 +41,15 @@ def restore_signals() -> Iterator[None]:
     yield
     for s, handler in saved.items():
         signal.signal(s, handler)
+
+
+@pytest.fixture
+def stock_recursion_limit() -> Iterator[None]:
+    """The limit keyutil runs with (importing py_ecc raises it for the test process)."""
+    old = sys.getrecursionlimit()
+    sys.setrecursionlimit(1000)
+    yield
+    sys.setrecursionlimit(old)
 
 
 def _supervisor(text: str, d: Path, **kw: Any) -> tuple[Supervisor, list[str]]:
@@ -85,3 +95,42 @@ def test_the_apps_failure_is_its_status_even_when_sigchld_was_ignored(tmp_path: 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     sup, _ = _supervisor(KEYS, tmp_path, keyutil=["true"])
     assert sup.run() == 3
+
+
+SETTINGS = """
+[supervisor]
+log_format = "json"
+[host_settings]
+from = "unix://{d}/settings.sock"
+allow = ["LOG_LEVEL"]
+[app]
+command = ["{d}/app.sh", "{d}/started"]
+"""
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 60_000,
+        b'{"LOG_LEVEL": ' + b"[" * 30_000,
+        b'{"LOG_LEVEL": "\\ud800"}',
+        b'{"LOG_LEVEL": "\\udc80"}',
+    ],
+)
+def test_hostile_host_settings_are_refused_and_the_boot_goes_on(
+    sockdir: Path, body: bytes, stock_recursion_limit: None
+) -> None:
+    """Deep nesting made json.loads raise RecursionError (not a ValueError): a traceback,
+    and PID 1 died before the app. A lone surrogate cannot go into an environment."""
+    _app(sockdir)
+    server = StreamServer(lambda conn: conn.sendall(body), unix=sockdir / "settings.sock")
+    try:
+        sup, lines = _supervisor(SETTINGS, sockdir, environ={})
+        assert sup.run() == 0
+    finally:
+        server.close()
+    assert (sockdir / "started").exists()
+    assert sup.settings == {}
+    assert {e["event"] for e in _events(lines)} & {
+        "host_settings_invalid", "host_setting_refused"
+    }

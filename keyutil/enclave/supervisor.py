@@ -491,7 +491,10 @@ class Supervisor:
         try:
             with connect_destination(wanted.source, wanted.timeout) as sock:
                 data = _read_all(sock, wanted.timeout, MAX_HOST_SETTINGS_BYTES)
-            offered = json.loads(data)
+            try:
+                offered = json.loads(data)
+            except RecursionError:  # not a ValueError: nesting deeper than the stack
+                raise ValueError("JSON nested too deeply") from None
             if not isinstance(offered, dict):
                 raise ValueError("expected a JSON object")
         except (OSError, LookupError) as e:
@@ -504,11 +507,7 @@ class Supervisor:
             return
         for name, value in offered.items():
             allowed = name in wanted.allow
-            valid = (
-                isinstance(value, str)
-                and "\0" not in value
-                and len(value.encode("utf-8", "replace")) <= MAX_SETTING_BYTES
-            )
+            valid = _short_text(value)
             if allowed and valid:
                 self.settings[name] = value
                 self.log("info", "host_setting", {"name": name, "value": printable(value[:200])})
@@ -620,6 +619,17 @@ class Supervisor:
                 pass
         for proxy in self.proxies:
             proxy.stop()
+
+
+def _short_text(value: object) -> bool:
+    """A string an environment can hold: UTF-8 (a lone surrogate, which JSON's \\u escapes
+    allow, is not), no NUL, at most MAX_SETTING_BYTES."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        return len(value.encode("utf-8")) <= MAX_SETTING_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 def _read_all(sock: socket.socket, timeout: float, limit: int) -> bytes:
