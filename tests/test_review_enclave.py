@@ -134,3 +134,22 @@ def test_hostile_host_settings_are_refused_and_the_boot_goes_on(
     assert {e["event"] for e in _events(lines)} & {
         "host_settings_invalid", "host_setting_refused"
     }
+
+
+def test_a_sigterm_while_the_app_is_being_started_reaches_the_app(tmp_path: Path) -> None:
+    """The signal came after the last between-steps check and before ``self.app`` was set:
+    it was recorded for a boot that was over, and the app ran on as if never asked to stop."""
+    import time
+
+    _app(tmp_path, "exec sleep 20")
+    sup, _ = _supervisor('[app]\ncommand = ["{d}/app.sh"]\n', tmp_path)
+    start_app = sup.step_app
+
+    def step_app() -> None:
+        signal.raise_signal(signal.SIGTERM)
+        start_app()
+
+    sup.step_app = step_app  # type: ignore[method-assign]
+    started = time.monotonic()
+    assert sup.run() == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 15

@@ -253,6 +253,10 @@ class Supervisor:
             self.log("error", "app_not_started", {"step": e.step})
             self._finish()
             return e.code
+        if self._stop_signal is not None and self.app is not None:
+            # The signal came while the app was being started (no app to pass it to yet).
+            with contextlib.suppress(ProcessLookupError):
+                self.app.send_signal(self._stop_signal)
         return self.supervise()
 
     def step_log(self) -> None:
