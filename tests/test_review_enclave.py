@@ -4,8 +4,12 @@ app is being started. Each test failed before its fix."""
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import shutil
 import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +18,7 @@ from typing import Any
 import pytest
 from plumbing_support import StreamServer, sockdir
 
+from keyutil import keytypes
 from keyutil.enclave.config import parse_config
 from keyutil.enclave.supervisor import Supervisor
 
@@ -153,3 +158,44 @@ def test_a_sigterm_while_the_app_is_being_started_reaches_the_app(tmp_path: Path
     started = time.monotonic()
     assert sup.run() == 128 + signal.SIGTERM
     assert time.monotonic() - started < 15
+
+
+SEED = bytes(range(32))
+TMPFS = Path(os.environ.get("KEYUTIL_TEST_TMPFS", "/dev/shm"))
+
+
+@pytest.fixture
+def shm(tmp_path: Path) -> Iterator[Path]:
+    directory = TMPFS / f"review-enclave-{os.getpid()}-{tmp_path.name}"
+    directory.mkdir()
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_a_stopped_unseal_leaves_no_partial_plaintext(tmp_path: Path, shm: Path) -> None:
+    """SIGTERM (what keyutil run passes to a get-key --unseal in progress) ended the
+    process without unwinding: the temporary file holding the chunks opened so far stayed
+    beside the destination."""
+    import time
+
+    from keyutil.sealing.age import Identity, seal
+
+    identity = tmp_path / "id.key"
+    identity.write_bytes(keytypes.get("age").private_file(SEED, "age"))
+    sealed = io.BytesIO()
+    seal(io.BytesIO(b"w" * (4 << 20)), sealed, [Identity(SEED).recipient])
+    keyutil = Path(sys.executable).parent / "keyutil"
+    with subprocess.Popen(
+        [str(keyutil), "unseal", "--identity", str(identity), "-", str(shm / "weights")],
+        stdin=subprocess.PIPE, stderr=subprocess.PIPE,
+    ) as child:
+        assert child.stdin is not None
+        child.stdin.write(sealed.getvalue()[: 1 << 20])  # some chunks, then the input stalls
+        child.stdin.flush()
+        end = time.monotonic() + 20
+        while not any(p.stat().st_size for p in shm.iterdir()) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert list(shm.iterdir()), "the temporary file never appeared"
+        child.terminate()
+        assert child.wait(20) == 128 + signal.SIGTERM
+    assert list(shm.iterdir()) == []
