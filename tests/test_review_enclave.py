@@ -199,3 +199,19 @@ def test_a_stopped_unseal_leaves_no_partial_plaintext(tmp_path: Path, shm: Path)
         child.terminate()
         assert child.wait(20) == 128 + signal.SIGTERM
     assert list(shm.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["LD_PRELOAD", "LD_LIBRARY_PATH", "PATH", "PYTHONPATH", "PYTHONSTARTUP", "NODE_OPTIONS",
+     "BASH_ENV", "JAVA_TOOL_OPTIONS", "PERL5OPT", "RUBYOPT", "GCONV_PATH", "ld_preload"],
+)
+def test_the_image_cannot_let_the_host_choose_the_code_the_app_loads(name: str) -> None:
+    """An allow list naming LD_PRELOAD or PYTHONPATH handed the host the choice of the code
+    that runs with the released keys: refused when the image is built, like KEYUTIL_*."""
+    from keyutil.enclave.config import ConfigError
+
+    text = f'[host_settings]\nfrom = "vsock://3:9001"\nallow = ["LOG_LEVEL", "{name}"]\n'
+    with pytest.raises(ConfigError, match=f"{name}.*code"):
+        parse_config(text + '[app]\ncommand = ["/app"]\n')
+    assert parse_config(text.replace(f', "{name}"', "") + '[app]\ncommand = ["/app"]\n')

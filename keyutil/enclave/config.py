@@ -55,6 +55,13 @@ _ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 _KEY_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _SIZE = re.compile(r"\A[1-9][0-9]{0,9}[kmg]?\Z")
 RESERVED_ENV_PREFIX = "KEYUTIL_"
+# Names through which an environment chooses the code a program loads or runs: the host may
+# never supply them (the app would run the host's choice with the released keys).
+CODE_ENV_PREFIXES = ("LD_", "PYTHON", "NODE_", "PERL5", "RUBY", "JAVA_", "_JAVA_", "DYLD_")
+CODE_ENV_NAMES = frozenset(
+    {"PATH", "BASH_ENV", "ENV", "SHELLOPTS", "GCONV_PATH", "MALLOC_CONF", "GLIBC_TUNABLES",
+     "CLASSPATH", "GEM_PATH", "GEM_HOME", "LUA_PATH", "LUA_CPATH", "PHPRC", "GIT_EXEC_PATH"}
+)
 
 
 class ConfigError(ValueError):
@@ -335,6 +342,12 @@ def _host_settings(t: _Table, app_env: Mapping[str, str]) -> HostSettings:
         if name.upper().startswith(RESERVED_ENV_PREFIX):
             raise ConfigError(
                 f"host_settings.allow: {name!r}: KEYUTIL_* settings never come from the host"
+            )
+        upper = name.upper()
+        if upper in CODE_ENV_NAMES or upper.startswith(CODE_ENV_PREFIXES):
+            raise ConfigError(
+                f"host_settings.allow: {name!r} chooses the code the app loads or runs; "
+                "the host may not supply it (set it in app.env)"
             )
         if name in app_env:
             raise ConfigError(
