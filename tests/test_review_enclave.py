@@ -215,3 +215,72 @@ def test_the_image_cannot_let_the_host_choose_the_code_the_app_loads(name: str) 
     with pytest.raises(ConfigError, match=f"{name}.*code"):
         parse_config(text + '[app]\ncommand = ["/app"]\n')
     assert parse_config(text.replace(f', "{name}"', "") + '[app]\ncommand = ["/app"]\n')
+
+
+SEALED = """
+[supervisor]
+log_format = "json"
+[kms]
+urls = ["vsock://3:8000"]
+pubkey = "@/etc/keyutil/kms.pub"
+[[sealed]]
+key = "env"
+source = "{d}/secrets.env.age"
+format = "dotenv"
+expect_sha256 = "{digest}"
+[[sealed]]
+key = "weights"
+source = "{d}/weights.age"
+dest = "{d}/out/weights.bin"
+expect_sha256 = "{digest}"
+[app]
+command = ["{d}/app.sh", "{d}/started"]
+"""
+
+
+@pytest.mark.parametrize("substituted", [False, True])
+def test_sealed_inputs_of_keyutil_run_can_be_pinned_to_their_plaintext(
+    tmp_path: Path, substituted: bool
+) -> None:
+    """The recipient is public: whoever can put a file where the enclave fetches it (the
+    operator's own bucket) seals a dotenv of their own (LD_PRELOAD=...) to it and it opens.
+    get-key, unseal and exec take --expect-sha256; [[sealed]] had no way to pin it."""
+    import hashlib
+
+    from keyutil.sealing.age import Identity, seal
+
+    _app(tmp_path)
+    author = b"API_TOKEN=t0k3n\n"
+    served = b"LD_PRELOAD=/tmp/x.so\n" if substituted else author
+    sealed = io.BytesIO()
+    seal(io.BytesIO(served), sealed, [Identity(SEED).recipient])
+    (tmp_path / "secrets.env.age").write_bytes(sealed.getvalue())
+    digest = hashlib.sha256(author).hexdigest()
+    calls: list[list[str]] = []
+
+    def get_key(argv: Any, line: Any) -> int:
+        calls.append(list(argv))
+        return 0
+
+    sup, lines = _supervisor(SEALED.replace("{digest}", digest), tmp_path, run=get_key,
+                             keyutil=["keyutil"])
+    sup._release_age_identity = lambda name: Identity(SEED)  # type: ignore[method-assign]
+    if substituted:
+        assert sup.run() == 9
+        assert not (tmp_path / "started").exists()
+        (failed,) = [e for e in _events(lines) if e["event"] == "step_failed"]
+        assert "sealed_digest_mismatch" in failed["message"]
+        assert calls == []
+        return
+    assert sup.run() == 0
+    assert sup.sealed_env == {"API_TOKEN": "t0k3n"}
+    (call,) = calls
+    assert call[call.index("--expect-sha256") + 1] == digest
+
+
+def test_a_malformed_pin_is_a_config_error() -> None:
+    from keyutil.enclave.config import ConfigError
+
+    text = SEALED.replace("{d}", "/srv").replace("{digest}", "abc")
+    with pytest.raises(ConfigError, match=r"sealed\[0\].expect_sha256: expected a SHA-256"):
+        parse_config(text)

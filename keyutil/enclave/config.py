@@ -22,7 +22,8 @@ is optional. The full reference, with every key, is in docs/deploy.md; in short:
                    deadline = 60, ca = "/path.pem"
     [[keys]]       names = ["app"], length = 32, dir = "/run/keys", expect_app = "my-app"
     [[sealed]]     key = "weights", source = "/opt/model.age" or "https://...",
-                   format = "file" (dest = "/run/keys/model") | "dotenv", via, source_ca
+                   format = "file" (dest = "/run/keys/model") | "dotenv", via, source_ca,
+                   expect_sha256 = "<sha256sum of the plaintext>"
     [[forward]]    listen = "vsock://:5001", to = "tcp://127.0.0.1:4000"  (inbound)
                    listen = "tcp://127.0.0.1:8443", to = "vsock://3:8443"  (egress)
     [log]          to = "vsock://3:9000", buffer_lines, buffer_bytes, console, flush_timeout
@@ -107,6 +108,7 @@ class Sealed:
     dest: str | None = None
     via: str | None = None  # for https://: the egress proxy, vsock://3:PORT
     source_ca: str | None = None
+    expect_sha256: str | None = None  # the plaintext's SHA-256, 64 hex digits: who sealed it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -291,7 +293,15 @@ def _sealed(t: _Table) -> Sealed:
         dest=t.path("dest"),
         via=via,
         source_ca=t.path("source_ca"),
+        expect_sha256=t.string("expect_sha256"),
     )
+    if sealed.expect_sha256 is not None:
+        from keyutil.sealing import parse_sha256
+
+        try:
+            parse_sha256(sealed.expect_sha256)
+        except ValueError as e:
+            raise ConfigError(f"{t.where}.expect_sha256: {e}") from None
     if sealed.format not in ("file", "dotenv"):
         raise ConfigError(f"{t.where}.format: expected file or dotenv; found {sealed.format!r}")
     if (sealed.format == "file") != (sealed.dest is not None):

@@ -394,16 +394,20 @@ class Supervisor:
                 args += ["--via", sealed.via]
             if sealed.source_ca is not None:
                 args += ["--source-ca", sealed.source_ca]
+            if sealed.expect_sha256 is not None:
+                args += ["--expect-sha256", sealed.expect_sha256]
             self._get_key("sealed", sealed.source, args, multi)
             self.log("info", "sealed_opened", {"source": sealed.source, "dest": sealed.dest})
 
     def open_sealed_env(self, sealed: Sealed) -> dict[str, str]:
         """Release the age identity ``sealed.key`` (failing over on unavailable), open the
         dotenv file with it and parse it; StepFailed("sealed", code) on any refusal."""
+        from keyutil.sealing import parse_sha256
         from keyutil.sealing.age import SealedError, unseal
         from keyutil.sealing.dotenv import DotenvError, parse_dotenv
         from keyutil.sealing.streams import SourceError, open_source
 
+        pinned = parse_sha256(sealed.expect_sha256) if sealed.expect_sha256 else None
         identity = self._release_age_identity(sealed.key)
         plaintext = bytearray()
         try:
@@ -411,7 +415,7 @@ class Supervisor:
             with open_source(
                 sealed.source, via=sealed.via, ca_file=sealed.source_ca, timeout=timeout
             ) as source:
-                unseal(source, plaintext.extend, identity)
+                unseal(source, plaintext.extend, identity, expect_sha256=pinned)
             return parse_dotenv(plaintext)
         except (SourceError, SealedError, DotenvError) as e:
             code = getattr(e, "code", "dotenv_invalid")
