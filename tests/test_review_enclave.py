@@ -284,3 +284,23 @@ def test_a_malformed_pin_is_a_config_error() -> None:
     text = SEALED.replace("{d}", "/srv").replace("{digest}", "abc")
     with pytest.raises(ConfigError, match=r"sealed\[0\].expect_sha256: expected a SHA-256"):
         parse_config(text)
+
+
+def test_a_sigterm_just_before_get_key_starts_stops_it_at_once(tmp_path: Path) -> None:
+    """The signal came after the between-steps check and before the get-key was known to
+    the handler: the get-key ran to its deadline (here a 20 s sleep) before the boot
+    stopped."""
+    import time
+
+    _app(tmp_path)
+
+    def features() -> tuple[bool, bool]:  # called as the keys step begins
+        signal.raise_signal(signal.SIGTERM)
+        return True, True
+
+    sup, _ = _supervisor(KEYS, tmp_path, keyutil=["sh", "-c", "exec sleep 20", "get-key"])
+    sup.features = features
+    started = time.monotonic()
+    assert sup.run() == 128 + signal.SIGTERM
+    assert time.monotonic() - started < 10
+    assert not (tmp_path / "started").exists()

@@ -201,6 +201,10 @@ class Supervisor:
     def _run_boot_command(self, argv: Sequence[str], line: Callable[[str], None]) -> int:
         def started(child: subprocess.Popen[bytes] | None) -> None:
             self._boot_child = child
+            stop = self._stop_signal
+            if child is not None and stop is not None:  # came before the handler knew it
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(stop)
 
         return run_command(argv, line, started)
 
