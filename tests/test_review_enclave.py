@@ -304,3 +304,39 @@ def test_a_sigterm_just_before_get_key_starts_stops_it_at_once(tmp_path: Path) -
     assert sup.run() == 128 + signal.SIGTERM
     assert time.monotonic() - started < 10
     assert not (tmp_path / "started").exists()
+
+
+def test_a_bad_kms_ca_for_a_sealed_dotenv_is_a_usage_error_of_the_step(tmp_path: Path) -> None:
+    """The in-process release of a dotenv's identity let the CA file's OSError through:
+    PID 1 died with "internal error", no step_failed, the log bridge never flushed."""
+    _app(tmp_path)
+    text = SEALED.split("[[sealed]]\nkey = \"weights\"")[0] + '[app]\ncommand = ["/app"]\n'
+    text = text.replace('urls = ["vsock://3:8000"]', 'urls = ["https://127.0.0.1:1"]')
+    text = text.replace('"@/etc/keyutil/kms.pub"', f'"ed25519:{"A" * 43}="\nca = "{{d}}/no-ca.pem"')
+    sup, lines = _supervisor(text.replace("{digest}", "0" * 64), tmp_path)
+    assert sup.run() == 2
+    (failed,) = [e for e in _events(lines) if e["event"] == "step_failed"]
+    assert failed["step"] == "sealed"
+    assert "no-ca.pem" in failed["message"]
+
+
+def test_an_unexpected_error_in_a_step_is_still_a_logged_step_failure(tmp_path: Path) -> None:
+    """Anything a step did not expect ended PID 1 without step_failed or app_not_started,
+    and without giving the log bridge its flush time: the host never learnt why."""
+    _app(tmp_path)
+
+    def mount(path: str, size: str) -> None:
+        raise RuntimeError("the kernel said something new")
+
+    text = '[supervisor]\nlog_format = "json"\n[tmpfs]\npaths = ["{d}/keys"]\n'
+    text += '[app]\ncommand = ["{d}/app.sh", "{d}/started"]\n'
+    sup, lines = _supervisor(text, tmp_path)
+    sup.volatile = lambda path: False
+    sup.mount = mount
+    assert sup.run() == 1
+    assert not (tmp_path / "started").exists()
+    events = _events(lines)
+    (failed,) = [e for e in events if e["event"] == "step_failed"]
+    assert (failed["step"], failed["exit"]) == ("tmpfs", 1)
+    assert "RuntimeError" in failed["message"]
+    assert [e["step"] for e in events if e["event"] == "app_not_started"] == ["tmpfs"]

@@ -3,7 +3,8 @@
     $ keyutil run --config /etc/keyutil/run.toml
 
 The steps, in order; a step that fails logs ``step_failed`` with its name, its exit code and
-why, and the supervisor exits with that code without starting the app:
+why, and the supervisor exits with that code without starting the app (1 when the step
+failed in a way it did not foresee, a bug, logged and flushed the same way):
 
 =============== ===== ====================================================================
 step            exit  what it does
@@ -79,6 +80,7 @@ EXIT_OUTPUT = 7
 EXIT_NETWORK = 8
 EXIT_SEALED = 9
 EXIT_APP_START = 10
+EXIT_INTERNAL = 1  # a step failed in a way it did not foresee (a bug): logged like the others
 
 PR_SET_CHILD_SUBREAPER = 36
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
@@ -251,7 +253,14 @@ class Supervisor:
                         f"stopped by {signal.Signals(self._stop_signal).name} before the app",
                     )
                 self.log("info", "step", {"step": name})
-                step()
+                try:
+                    step()
+                except StepFailed:
+                    raise
+                except Exception as e:  # unforeseen: still a logged, flushed step failure
+                    raise StepFailed(
+                        name, EXIT_INTERNAL, f"internal error: {type(e).__name__}: {str(e)[:200]}"
+                    ) from None
         except StepFailed as e:
             self.log("error", "step_failed", {"step": e.step, "exit": e.code, "message": e.message})
             self.log("error", "app_not_started", {"step": e.step})
@@ -447,6 +456,12 @@ class Supervisor:
             if pubkey is not None and pubkey.startswith("@"):
                 pubkey = Path(pubkey[1:]).read_text().strip()
             request = ReleaseRequest.build([name], types=["age"], identity=pubkey)
+            # Built before the NSM is opened, as get-key does: a bad URL or CA file (an
+            # OSError, ssl.SSLError included) is a usage error, not a crash of PID 1.
+            try:
+                transports = [HttpTransport.from_url(url, ca_file=kms.ca) for url in kms.urls]
+            except OSError as e:
+                raise OSError(f"[kms] ca {kms.ca}: {e.strerror or e}") from None
             nsm_kind: Any = self.environ.get("KEYUTIL_NSM", "auto")
             sim_dir = self.environ.get("KEYUTIL_SIM_DIR")
             nsm = open_nsm(nsm_kind, sim_dir=Path(sim_dir) if sim_dir else None)
@@ -456,10 +471,9 @@ class Supervisor:
             raise StepFailed("sealed", EXIT_NSM, f"{e.code}: {e.message}") from None
         end = time.monotonic() + kms.deadline
         error: Exception = KmsUnavailable("unreachable", "no KMS tried")
-        for n, url in enumerate(kms.urls):
-            left = (end - time.monotonic()) / (len(kms.urls) - n)
+        for n, transport in enumerate(transports):
+            left = (end - time.monotonic()) / (len(transports) - n)
             try:
-                transport = HttpTransport.from_url(url, ca_file=kms.ca)
                 release = release_keys(transport, nsm, request, deadline_s=left, log=self.log)
             except KmsUnavailable as e:
                 error = e
