@@ -517,12 +517,7 @@ class Supervisor:
         try:
             with connect_destination(wanted.source, wanted.timeout) as sock:
                 data = _read_all(sock, wanted.timeout, MAX_HOST_SETTINGS_BYTES)
-            try:
-                offered = json.loads(data)
-            except RecursionError:  # not a ValueError: nesting deeper than the stack
-                raise ValueError("JSON nested too deeply") from None
-            if not isinstance(offered, dict):
-                raise ValueError("expected a JSON object")
+            accepted, refused = decide_host_settings(data, wanted.allow)
         except (OSError, LookupError) as e:
             self.log(
                 "warning", "host_settings_absent", {"from": str(wanted.source), "error": str(e)}
@@ -531,19 +526,11 @@ class Supervisor:
         except ValueError as e:
             self.log("warning", "host_settings_invalid", {"error": str(e)[:200]})
             return
-        for name, value in offered.items():
-            allowed = name in wanted.allow
-            valid = _short_text(value)
-            if allowed and valid:
-                self.settings[name] = value
-                self.log("info", "host_setting", {"name": name, "value": printable(value[:200])})
-            else:
-                reason = "not allowed by the image" if not allowed else "not a short string"
-                self.log(
-                    "warning",
-                    "host_setting_refused",
-                    {"name": printable(str(name)[:64]), "reason": reason},
-                )
+        for name, value in accepted.items():
+            self.settings[name] = value
+            self.log("info", "host_setting", {"name": name, "value": printable(value[:200])})
+        for name, reason in refused:
+            self.log("warning", "host_setting_refused", {"name": name, "reason": reason})
 
     def step_workdir(self) -> None:
         try:
@@ -645,6 +632,34 @@ class Supervisor:
                 pass
         for proxy in self.proxies:
             proxy.stop()
+
+
+def decide_host_settings(
+    data: bytes, allow: Iterable[str]
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Parse the host's settings (hostile bytes) and decide: the accepted ``{name: value}``
+    (names in ``allow``, values short strings an environment can hold) and the refused
+    ``(name, reason)``, names made printable and cut to 64 characters. ValueError when
+    ``data`` is not one JSON object (fuzzed: fuzz/host_settings.py)."""
+    if len(data) > MAX_HOST_SETTINGS_BYTES:
+        raise ValueError(f"more than {MAX_HOST_SETTINGS_BYTES} bytes of settings")
+    try:
+        offered = json.loads(data)
+    except RecursionError:  # not a ValueError: nesting deeper than the stack
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(offered, dict):
+        raise ValueError("expected a JSON object")
+    allowed = set(allow)
+    accepted: dict[str, str] = {}
+    refused: list[tuple[str, str]] = []
+    for name, value in offered.items():
+        if name not in allowed:
+            refused.append((printable(name[:64]), "not allowed by the image"))
+        elif not _short_text(value):
+            refused.append((name, "not a short string"))
+        else:
+            accepted[name] = value
+    return accepted, refused
 
 
 def _short_text(value: object) -> bool:
