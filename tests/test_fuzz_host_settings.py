@@ -4,29 +4,19 @@ reference, and the run reached both outcomes."""
 
 from __future__ import annotations
 
-import collections
 from pathlib import Path
 
-from fuzz.host_settings import HostSettingsTarget, reference
-from fuzz.mutate import RandomChooser
-from fuzz.record import Recorder
+from test_fuzz_smoke import assert_clean, run
 
-SEED = 20261201
-RUNS = 1500
+from fuzz.host_settings import HostSettingsTarget, reference
+from fuzz.targets import make_target
 
 
 def test_host_settings_smoke_run_is_clean_and_reaches_both_outcomes(tmp_path: Path) -> None:
-    recorder = Recorder(tmp_path / "findings")
-    chooser = RandomChooser(SEED)
-    target = HostSettingsTarget()
-    for _ in range(RUNS):
-        recorder.add(target.one(chooser))
-    report = recorder.report()
-    bad = {k: report[k] for k in ("crashes", "accepted_mutants", "refused_valid",
-                                  "harness_errors")}
-    assert bad == dict.fromkeys(bad, 0), (report["finding_signatures"], report["saved"])
-    codes = collections.Counter(recorder.codes)
-    assert codes["accepted:accepted"] > 0 and codes["refused:invalid"] > 0, codes
+    recorder = run(make_target("host_settings"), 1500, tmp_path)
+    assert_clean(recorder)
+    assert recorder.kinds["accepted"] > 0 and recorder.kinds["refused"] > 0
+    assert recorder.ops["nest"] > 0
 
 
 def test_the_reference_reads_the_last_duplicate_and_refuses_an_array() -> None:
@@ -38,3 +28,4 @@ def test_the_reference_reads_the_last_duplicate_and_refuses_an_array() -> None:
     assert reference(b"[" * 5000) is None
     assert reference(b"[]") is None
     assert reference(b"{}") == {}
+    assert isinstance(make_target("host_settings"), HostSettingsTarget)
