@@ -780,6 +780,10 @@ def make_target(name: str, corpus: Corpus | None = None) -> Target:
         from fuzz.logwire import LogWireTarget
 
         return LogWireTarget()
+    if name == "host_settings":  # keyutil run's reading of the host's settings
+        from fuzz.host_settings import HostSettingsTarget
+
+        return HostSettingsTarget()
     if name in SEALED_TARGET_NAMES:
         # fuzz/sealed.py imports this module; its targets need no corpus of documents.
         from fuzz.sealed import SEALED_TARGETS

@@ -914,7 +914,7 @@ def run_enclave(config_path: str) -> None:
     host sees them. Reference: docs/deploy.md.
     \b
     Exit codes: the app's own status once it ran; 2 configuration; otherwise the failed
-    step's code above.
+    step's code above (1: an unforeseen error in a step, logged as its step_failed).
     """
     from keyutil.enclave.config import ConfigError, load_config
     from keyutil.enclave.supervisor import Supervisor, become_subreaper

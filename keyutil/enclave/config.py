@@ -22,7 +22,8 @@ is optional. The full reference, with every key, is in docs/deploy.md; in short:
                    deadline = 60, ca = "/path.pem"
     [[keys]]       names = ["app"], length = 32, dir = "/run/keys", expect_app = "my-app"
     [[sealed]]     key = "weights", source = "/opt/model.age" or "https://...",
-                   format = "file" (dest = "/run/keys/model") | "dotenv", via, source_ca
+                   format = "file" (dest = "/run/keys/model") | "dotenv", via, source_ca,
+                   expect_sha256 = "<sha256sum of the plaintext>"
     [[forward]]    listen = "vsock://:5001", to = "tcp://127.0.0.1:4000"  (inbound)
                    listen = "tcp://127.0.0.1:8443", to = "vsock://3:8443"  (egress)
     [log]          to = "vsock://3:9000", buffer_lines, buffer_bytes, console, flush_timeout
@@ -55,6 +56,13 @@ _ENV_NAME = re.compile(r"\A[A-Za-z_][A-Za-z0-9_]*\Z")
 _KEY_NAME = re.compile(r"\A[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _SIZE = re.compile(r"\A[1-9][0-9]{0,9}[kmg]?\Z")
 RESERVED_ENV_PREFIX = "KEYUTIL_"
+# Names through which an environment chooses the code a program loads or runs: the host may
+# never supply them (the app would run the host's choice with the released keys).
+CODE_ENV_PREFIXES = ("LD_", "PYTHON", "NODE_", "PERL5", "RUBY", "JAVA_", "_JAVA_", "DYLD_")
+CODE_ENV_NAMES = frozenset(
+    {"PATH", "BASH_ENV", "ENV", "SHELLOPTS", "GCONV_PATH", "MALLOC_CONF", "GLIBC_TUNABLES",
+     "CLASSPATH", "GEM_PATH", "GEM_HOME", "LUA_PATH", "LUA_CPATH", "PHPRC", "GIT_EXEC_PATH"}
+)
 
 
 class ConfigError(ValueError):
@@ -100,6 +108,7 @@ class Sealed:
     dest: str | None = None
     via: str | None = None  # for https://: the egress proxy, vsock://3:PORT
     source_ca: str | None = None
+    expect_sha256: str | None = None  # the plaintext's SHA-256, 64 hex digits: who sealed it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +293,15 @@ def _sealed(t: _Table) -> Sealed:
         dest=t.path("dest"),
         via=via,
         source_ca=t.path("source_ca"),
+        expect_sha256=t.string("expect_sha256"),
     )
+    if sealed.expect_sha256 is not None:
+        from keyutil.sealing import parse_sha256
+
+        try:
+            parse_sha256(sealed.expect_sha256)
+        except ValueError as e:
+            raise ConfigError(f"{t.where}.expect_sha256: {e}") from None
     if sealed.format not in ("file", "dotenv"):
         raise ConfigError(f"{t.where}.format: expected file or dotenv; found {sealed.format!r}")
     if (sealed.format == "file") != (sealed.dest is not None):
@@ -335,6 +352,12 @@ def _host_settings(t: _Table, app_env: Mapping[str, str]) -> HostSettings:
         if name.upper().startswith(RESERVED_ENV_PREFIX):
             raise ConfigError(
                 f"host_settings.allow: {name!r}: KEYUTIL_* settings never come from the host"
+            )
+        upper = name.upper()
+        if upper in CODE_ENV_NAMES or upper.startswith(CODE_ENV_PREFIXES):
+            raise ConfigError(
+                f"host_settings.allow: {name!r} chooses the code the app loads or runs; "
+                "the host may not supply it (set it in app.env)"
             )
         if name in app_env:
             raise ConfigError(

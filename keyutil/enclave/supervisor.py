@@ -3,7 +3,8 @@
     $ keyutil run --config /etc/keyutil/run.toml
 
 The steps, in order; a step that fails logs ``step_failed`` with its name, its exit code and
-why, and the supervisor exits with that code without starting the app:
+why, and the supervisor exits with that code without starting the app (1 when the step
+failed in a way it did not foresee, a bug, logged and flushed the same way):
 
 =============== ===== ====================================================================
 step            exit  what it does
@@ -28,7 +29,9 @@ app             10    starts the app (not found, not executable)
 Then, as PID 1 (or a child subreaper, ``PR_SET_CHILD_SUBREAPER``, when it is not), it reaps
 every child that ends, orphans included, passes SIGTERM and SIGINT on to the app, and when the
 app exits, logs its status, gives the log bridge ``flush_timeout`` seconds, and exits with the
-app's status (128+N when a signal N ended it), which stops the enclave.
+app's status (128+N when a signal N ended it; 1 if that status was lost), which stops the
+enclave. SIGCHLD is set back to its default first: inherited as ignored, it would make the
+kernel reap children itself and every exit status (get-key's, the app's) read as 0.
 
 The app's stdout and stderr are read line by line and go to the console (unless ``[log]
 console = false``) and to the host over the log bridge: the host sees them. The supervisor's
@@ -77,11 +80,13 @@ EXIT_OUTPUT = 7
 EXIT_NETWORK = 8
 EXIT_SEALED = 9
 EXIT_APP_START = 10
+EXIT_INTERNAL = 1  # a step failed in a way it did not foresee (a bug): logged like the others
 
 PR_SET_CHILD_SUBREAPER = 36
 MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x2, 0x4, 0x8
 MAX_HOST_SETTINGS_BYTES = 64 * 1024
 MAX_SETTING_BYTES = 4096
+STATUS_LOST = 1  # the app's exit status could not be read: never taken for a success
 OUTPUT_DRAIN = 1.0  # after the app exits, how long its output readers get to finish
 
 Mount = Callable[[str, str], None]
@@ -198,6 +203,10 @@ class Supervisor:
     def _run_boot_command(self, argv: Sequence[str], line: Callable[[str], None]) -> int:
         def started(child: subprocess.Popen[bytes] | None) -> None:
             self._boot_child = child
+            stop = self._stop_signal
+            if child is not None and stop is not None:  # came before the handler knew it
+                with contextlib.suppress(ProcessLookupError):
+                    child.send_signal(stop)
 
         return run_command(argv, line, started)
 
@@ -221,6 +230,9 @@ class Supervisor:
         """Boot, then supervise the app; the exit code to leave with."""
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, self._on_signal)
+        # An ignored SIGCHLD survives exec; the kernel would then reap every child itself,
+        # and each exit status (a refused get-key's, the app's) would read as 0.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         steps: list[tuple[str, Callable[[], None]]] = [
             ("log", self.step_log),
             ("net_up", self.step_net_up),
@@ -241,12 +253,23 @@ class Supervisor:
                         f"stopped by {signal.Signals(self._stop_signal).name} before the app",
                     )
                 self.log("info", "step", {"step": name})
-                step()
+                try:
+                    step()
+                except StepFailed:
+                    raise
+                except Exception as e:  # unforeseen: still a logged, flushed step failure
+                    raise StepFailed(
+                        name, EXIT_INTERNAL, f"internal error: {type(e).__name__}: {str(e)[:200]}"
+                    ) from None
         except StepFailed as e:
             self.log("error", "step_failed", {"step": e.step, "exit": e.code, "message": e.message})
             self.log("error", "app_not_started", {"step": e.step})
             self._finish()
             return e.code
+        if self._stop_signal is not None and self.app is not None:
+            # The signal came while the app was being started (no app to pass it to yet).
+            with contextlib.suppress(ProcessLookupError):
+                self.app.send_signal(self._stop_signal)
         return self.supervise()
 
     def step_log(self) -> None:
@@ -384,16 +407,20 @@ class Supervisor:
                 args += ["--via", sealed.via]
             if sealed.source_ca is not None:
                 args += ["--source-ca", sealed.source_ca]
+            if sealed.expect_sha256 is not None:
+                args += ["--expect-sha256", sealed.expect_sha256]
             self._get_key("sealed", sealed.source, args, multi)
             self.log("info", "sealed_opened", {"source": sealed.source, "dest": sealed.dest})
 
     def open_sealed_env(self, sealed: Sealed) -> dict[str, str]:
         """Release the age identity ``sealed.key`` (failing over on unavailable), open the
         dotenv file with it and parse it; StepFailed("sealed", code) on any refusal."""
+        from keyutil.sealing import parse_sha256
         from keyutil.sealing.age import SealedError, unseal
         from keyutil.sealing.dotenv import DotenvError, parse_dotenv
         from keyutil.sealing.streams import SourceError, open_source
 
+        pinned = parse_sha256(sealed.expect_sha256) if sealed.expect_sha256 else None
         identity = self._release_age_identity(sealed.key)
         plaintext = bytearray()
         try:
@@ -401,7 +428,7 @@ class Supervisor:
             with open_source(
                 sealed.source, via=sealed.via, ca_file=sealed.source_ca, timeout=timeout
             ) as source:
-                unseal(source, plaintext.extend, identity)
+                unseal(source, plaintext.extend, identity, expect_sha256=pinned)
             return parse_dotenv(plaintext)
         except (SourceError, SealedError, DotenvError) as e:
             code = getattr(e, "code", "dotenv_invalid")
@@ -429,6 +456,12 @@ class Supervisor:
             if pubkey is not None and pubkey.startswith("@"):
                 pubkey = Path(pubkey[1:]).read_text().strip()
             request = ReleaseRequest.build([name], types=["age"], identity=pubkey)
+            # Built before the NSM is opened, as get-key does: a bad URL or CA file (an
+            # OSError, ssl.SSLError included) is a usage error, not a crash of PID 1.
+            try:
+                transports = [HttpTransport.from_url(url, ca_file=kms.ca) for url in kms.urls]
+            except OSError as e:
+                raise OSError(f"[kms] ca {kms.ca}: {e.strerror or e}") from None
             nsm_kind: Any = self.environ.get("KEYUTIL_NSM", "auto")
             sim_dir = self.environ.get("KEYUTIL_SIM_DIR")
             nsm = open_nsm(nsm_kind, sim_dir=Path(sim_dir) if sim_dir else None)
@@ -438,10 +471,9 @@ class Supervisor:
             raise StepFailed("sealed", EXIT_NSM, f"{e.code}: {e.message}") from None
         end = time.monotonic() + kms.deadline
         error: Exception = KmsUnavailable("unreachable", "no KMS tried")
-        for n, url in enumerate(kms.urls):
-            left = (end - time.monotonic()) / (len(kms.urls) - n)
+        for n, transport in enumerate(transports):
+            left = (end - time.monotonic()) / (len(transports) - n)
             try:
-                transport = HttpTransport.from_url(url, ca_file=kms.ca)
                 release = release_keys(transport, nsm, request, deadline_s=left, log=self.log)
             except KmsUnavailable as e:
                 error = e
@@ -485,9 +517,7 @@ class Supervisor:
         try:
             with connect_destination(wanted.source, wanted.timeout) as sock:
                 data = _read_all(sock, wanted.timeout, MAX_HOST_SETTINGS_BYTES)
-            offered = json.loads(data)
-            if not isinstance(offered, dict):
-                raise ValueError("expected a JSON object")
+            accepted, refused = decide_host_settings(data, wanted.allow)
         except (OSError, LookupError) as e:
             self.log(
                 "warning", "host_settings_absent", {"from": str(wanted.source), "error": str(e)}
@@ -496,23 +526,11 @@ class Supervisor:
         except ValueError as e:
             self.log("warning", "host_settings_invalid", {"error": str(e)[:200]})
             return
-        for name, value in offered.items():
-            allowed = name in wanted.allow
-            valid = (
-                isinstance(value, str)
-                and "\0" not in value
-                and len(value.encode("utf-8", "replace")) <= MAX_SETTING_BYTES
-            )
-            if allowed and valid:
-                self.settings[name] = value
-                self.log("info", "host_setting", {"name": name, "value": printable(value[:200])})
-            else:
-                reason = "not allowed by the image" if not allowed else "not a short string"
-                self.log(
-                    "warning",
-                    "host_setting_refused",
-                    {"name": printable(str(name)[:64]), "reason": reason},
-                )
+        for name, value in accepted.items():
+            self.settings[name] = value
+            self.log("info", "host_setting", {"name": name, "value": printable(value[:200])})
+        for name, reason in refused:
+            self.log("warning", "host_setting_refused", {"name": name, "reason": reason})
 
     def step_workdir(self) -> None:
         try:
@@ -578,12 +596,13 @@ class Supervisor:
         while True:
             try:
                 pid, status = os.waitpid(-1, 0)
-            except ChildProcessError:  # cannot happen while the app lives; be safe
-                status, pid = 0, app.pid
+            except ChildProcessError:  # the status is lost (reaped elsewhere): not a success
+                self.log("error", "app_status_lost", {"pid": app.pid})
+                status, pid = None, app.pid
             if pid == app.pid:
                 break
             reaped += 1
-        code = os.waitstatus_to_exitcode(status)
+        code = STATUS_LOST if status is None else os.waitstatus_to_exitcode(status)
         app.returncode = code
         exit_code = 128 - code if code < 0 else code
         for reader in readers:
@@ -613,6 +632,45 @@ class Supervisor:
                 pass
         for proxy in self.proxies:
             proxy.stop()
+
+
+def decide_host_settings(
+    data: bytes, allow: Iterable[str]
+) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Parse the host's settings (hostile bytes) and decide: the accepted ``{name: value}``
+    (names in ``allow``, values short strings an environment can hold) and the refused
+    ``(name, reason)``, names made printable and cut to 64 characters. ValueError when
+    ``data`` is not one JSON object (fuzzed: fuzz/host_settings.py)."""
+    if len(data) > MAX_HOST_SETTINGS_BYTES:
+        raise ValueError(f"more than {MAX_HOST_SETTINGS_BYTES} bytes of settings")
+    try:
+        offered = json.loads(data)
+    except RecursionError:  # not a ValueError: nesting deeper than the stack
+        raise ValueError("JSON nested too deeply") from None
+    if not isinstance(offered, dict):
+        raise ValueError("expected a JSON object")
+    allowed = set(allow)
+    accepted: dict[str, str] = {}
+    refused: list[tuple[str, str]] = []
+    for name, value in offered.items():
+        if name not in allowed:
+            refused.append((printable(name[:64]), "not allowed by the image"))
+        elif not _short_text(value):
+            refused.append((name, "not a short string"))
+        else:
+            accepted[name] = value
+    return accepted, refused
+
+
+def _short_text(value: object) -> bool:
+    """A string an environment can hold: UTF-8 (a lone surrogate, which JSON's \\u escapes
+    allow, is not), no NUL, at most MAX_SETTING_BYTES."""
+    if not isinstance(value, str) or "\0" in value:
+        return False
+    try:
+        return len(value.encode("utf-8")) <= MAX_SETTING_BYTES
+    except UnicodeEncodeError:
+        return False
 
 
 def _read_all(sock: socket.socket, timeout: float, limit: int) -> bytes:

@@ -10,10 +10,13 @@ executed.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -150,6 +153,25 @@ def check_output(log: EventLog, target: str, allow_persistent: bool) -> Output:
     return out
 
 
+@contextlib.contextmanager
+def _sigterm_unwinds() -> Iterator[None]:
+    """SIGTERM (``keyutil run`` passes it on to a get-key in progress) exits 128+15 through
+    the ``with`` blocks, so that the temporary file of partial plaintext is removed: the
+    default action ended the process and left it beside the destination."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def unseal_to(
     log: EventLog,
     identities: Sequence[Identity],
@@ -172,7 +194,7 @@ def unseal_to(
     try:
         with open_source(source_spec, via=via, ca_file=source_ca, timeout=timeout) as source:
             if isinstance(out, PlaintextFile):
-                with out:
+                with _sigterm_unwinds(), out:
                     size = unseal(source, out.write, identities, expect_sha256=expect_sha256)
                     out.publish()
             else:
