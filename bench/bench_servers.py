@@ -18,8 +18,9 @@ the same address with N workers forked from the built service; each worker build
 ``KmsApp`` after the fork (multiprocess metrics with N > 1), as waitress's workers do. The
 candidates' settings: the same 8 threads per worker; granian's request-head deadline 5 s
 (``http1_header_read_timeout``, its only slow-client limit: it has no per-peer cap and no
-idle keep-alive limit); gunicorn's keep-alive 5 s (it has no head deadline but its 30 s
-worker timeout).
+idle keep-alive limit, but the head deadline also bounds a kept-alive connection's wait);
+gunicorn's keep-alive 5 s (it has no request-head deadline: a gthread worker reads a new
+connection's request in one of its threads).
 
 Measured, interleaved (round 1 of every server and worker count, then round 2, ...):
 
