@@ -66,20 +66,27 @@ def get_key_times(kms: LocalKms, runs: int, out: Path) -> tuple[list[float], int
 def measure(args: argparse.Namespace, work: Path, name: str, extra: list[str]) -> dict[str, Any]:
     kms = LocalKms(work / name.replace(" ", "-"), app="app",
                    serve_args=["--workers", str(args.workers), *extra])
+    return {"config": name, **flood_run(kms, args.runs, args.connections, args.dribblers,
+                                        args.settle)}
+
+
+def flood_run(
+    kms: LocalKms, runs: int, connections: int, dribblers: int, settle: float
+) -> dict[str, Any]:
+    """Start ``kms``; ``runs`` get-key times unloaded, then under the flood; stop it."""
     out = Path(tempfile.mkdtemp(prefix="bench-flood-keys-", dir="/dev/shm"))
     try:
         kms.start()
-        unloaded, failed_unloaded = get_key_times(kms, args.runs, out)
-        with Flood(kms.url, "127.0.0.2", args.connections, args.dribblers) as flood:
-            time.sleep(args.settle)
-            flooded, failed_flooded = get_key_times(kms, args.runs, out)
+        unloaded, failed_unloaded = get_key_times(kms, runs, out)
+        with Flood(kms.url, "127.0.0.2", connections, dribblers) as flood:
+            time.sleep(settle)
+            flooded, failed_flooded = get_key_times(kms, runs, out)
         attempts = flood.reconnects
     finally:
         kms.stop()
         shutil.rmtree(out, ignore_errors=True)
     u, f = statistics.median(unloaded), statistics.median(flooded)
     return {
-        "config": name,
         "unloaded_median_s": u,
         "flooded_median_s": f,
         "flooded_max_s": max(flooded),

@@ -54,7 +54,7 @@ import time
 import traceback
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from benchlib import (
     LocalKms,
@@ -99,6 +99,10 @@ class Prepared:
 class Client:
     """One enclave doing whole releases over one keep-alive connection."""
 
+    # Sent with every request; bench_servers.py sets {"Connection": "close"} to make every
+    # server open a connection per request, as keyutil does.
+    extra_headers: ClassVar[dict[str, str]] = {}
+
     def __init__(self, host: str, port: int, sim_dir: Path, state_dir: Path, identity: str):
         self.host, self.port = host, port
         self.nsm = SimulatedNSM.load(sim_dir)
@@ -112,7 +116,8 @@ class Client:
                 self.conn = http.client.HTTPConnection(self.host, self.port, timeout=30)
             try:
                 self.conn.request(
-                    "POST", path, body=body, headers={"Content-Type": "application/json"}
+                    "POST", path, body=body,
+                    headers={"Content-Type": "application/json", **self.extra_headers},
                 )
                 resp = self.conn.getresponse()
                 data = resp.read()

@@ -203,6 +203,8 @@ class LocalKms:
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.exit_code: int | None = None
+        # What runs ``serve``: mock-kms itself, or a launcher taking the same arguments.
+        self.command = [MOCK_KMS]
 
     @property
     def pid(self) -> int:
@@ -211,7 +213,7 @@ class LocalKms:
 
     def start(self, timeout: float = 60.0) -> None:
         argv = [
-            MOCK_KMS,
+            *self.command,
             "serve",
             "--port",
             str(self.port),
