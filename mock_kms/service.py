@@ -12,9 +12,11 @@ The order of checks, each with its own error code, is:
 2. the attestation document (:class:`~mock_kms.verifier.AttestationVerifier`: signature,
    chain, age, debug);
 3. the nonce inside it: issued by this KMS (any replica sharing the root secret), not
-   expired, not seen before by any worker or replica sharing the replay store;
+   expired;
 4. the binding: ``user_data`` must be the digest of exactly this request;
 5. the attested public key, which must be a key of the requested suite;
+   then the nonce is spent: not seen before by any worker or replica sharing the replay
+   store (a request it does not authorize, refused above, leaves it unspent);
 6. the allowlist on chain, which gives the application id (unreachable chain: 503);
 7. derive each key, seal it to the attested key, sign the answer.
 """
@@ -104,7 +106,13 @@ class NonceBook:
 
     def accept(self, nonce: bytes | None) -> None:
         """Accept ``nonce`` once, or raise InvalidError with the reason (UnavailableError if
-        the replay store cannot answer)."""
+        the replay store cannot answer): :meth:`check`, then :meth:`spend`."""
+        self.spend(nonce, self.check(nonce))
+
+    def check(self, nonce: bytes | None) -> int:
+        """The expiry (ms) of ``nonce`` if this KMS issued it and it has not expired; or
+        InvalidError. Spends nothing: a request is checked in full before its nonce is
+        spent, so that a request the nonce does not authorize cannot use it up."""
         if nonce is None:
             raise InvalidError(
                 ErrorCode.NONCE_MISSING,
@@ -122,7 +130,7 @@ class NonceBook:
                 ErrorCode.NONCE_INVALID,
                 "attestation nonce: not issued by this KMS (its MAC does not verify)",
             )
-        issued_ms = struct.unpack(">Q", body[1:9])[0]
+        issued_ms: int = struct.unpack(">Q", body[1:9])[0]
         issued = issued_ms / 1000
         now = self._clock()
         expires_ms = issued_ms + int(self._settings.nonce_lifetime * 1000)
@@ -135,9 +143,20 @@ class NonceBook:
             raise expired
         if issued > now + LIMITS.clock_skew.total_seconds():
             raise InvalidError(ErrorCode.NONCE_INVALID, "attestation nonce: issued in the future")
+        return expires_ms
+
+    def spend(self, nonce: bytes | None, expires_ms: int) -> None:
+        """Claim a nonce that passed :meth:`check` in the replay store: once, or raise."""
+        assert nonce is not None
+        now = self._clock()
         verdict = self.store.claim(nonce, expires_ms=expires_ms, now_ms=int(now * 1000))
         if verdict is Verdict.EXPIRED:
-            raise expired
+            raise InvalidError(
+                ErrorCode.NONCE_EXPIRED,
+                f"attestation nonce: expected a challenge at most "
+                f"{self._settings.nonce_lifetime:g} s old; the replay store's time is past "
+                "its expiry",
+            )
         if verdict is Verdict.REPLAYED:
             raise InvalidError(
                 ErrorCode.NONCE_REPLAYED,
@@ -421,7 +440,10 @@ class ReleaseService:
             timings.verification = time.perf_counter() - started
         timings.verified = verified
         document = verified.document
-        self.nonces.accept(document.nonce)
+        # The nonce is checked here but spent only once the request is known to be the one
+        # it authorizes (binding, public key): whoever copies an enclave's document into a
+        # request of their own cannot use up the enclave's nonce.
+        expires_ms = self.nonces.check(document.nonce)
         assert document.nonce is not None
         binding = protocol.request_binding(request.keys, request.suite, document.nonce)
         if document.user_data is None or not hmac.compare_digest(document.user_data, binding):
@@ -439,6 +461,7 @@ class ReleaseService:
             recipient = protocol.load_recipient_public(request.suite, document.public_key)
         except ProtocolError as e:
             raise InvalidError(ErrorCode.PUBLIC_KEY_INVALID, e.message) from None
+        self.nonces.spend(document.nonce, expires_ms)
 
         started = time.perf_counter()
         try:

@@ -1,0 +1,64 @@
+"""The KMS reviewed as an attacker: each test is one way in that is now closed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from test_service import APP_A, Clock, Enclave, make_service, make_sim, refused
+
+from keyutil import protocol as p
+from keyutil.simulator import SimulatedNSM
+from mock_kms import cli as kms_cli
+from mock_kms.allowlist import EmbeddedAllowlist
+from mock_kms.errors import ErrorCode
+from mock_kms.service import ReleaseService
+
+
+@pytest.fixture
+def sim(tmp_path: Path) -> SimulatedNSM:
+    return make_sim(tmp_path / "sim", Clock())
+
+
+@pytest.fixture
+def service(tmp_path: Path, sim: SimulatedNSM) -> ReleaseService:
+    chain = EmbeddedAllowlist.create()
+    chain.register_image(bytes.fromhex(sim.identity.os_image_hash[2:]), APP_A)
+    return make_service(tmp_path, sim, chain, Clock())
+
+
+def test_host_swapping_the_keys_does_not_burn_the_enclaves_nonce(
+    service: ReleaseService, sim: SimulatedNSM
+) -> None:
+    """The host (or anyone on the path) that sees an enclave's document and sends it first
+    with other keys is refused for the binding, and the enclave's own request still
+    releases: a nonce is spent only by the request it authorizes."""
+    enclave = Enclave(sim)
+    genuine = enclave.request(service)
+    swapped = {**genuine, "keys": [{"name": "disk", "length": 64}]}
+    assert refused(service, swapped).code == ErrorCode.BINDING_MISMATCH
+    enclave.open(service, service.release(genuine).answer)
+
+
+def test_a_public_key_of_another_suite_does_not_burn_the_nonce(
+    service: ReleaseService, sim: SimulatedNSM
+) -> None:
+    enclave = Enclave(sim)
+    genuine = enclave.request(service)
+    other_suite = {**genuine, "suite": p.SUITE_P384}
+    assert refused(service, other_suite).code == ErrorCode.BINDING_MISMATCH
+    enclave.open(service, service.release(genuine).answer)
+
+
+def test_memory_replay_store_with_several_workers_is_a_usage_error(tmp_path: Path) -> None:
+    """Each forked worker would hold its own copy of the memory store: a nonce would be
+    accepted once per worker."""
+    result = CliRunner().invoke(
+        kms_cli.cli,
+        ["serve", "--state-dir", str(tmp_path / "s"), "--port", "0",
+         "--replay-store", "memory", "--workers", "2"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "memory" in result.output and "--workers" in result.output
+    assert not (tmp_path / "s").exists()
