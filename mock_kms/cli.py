@@ -523,6 +523,12 @@ def serve(
     if no_aws_root and not trust_roots:
         raise click.UsageError("--no-aws-root needs at least one --trust-root")
     debug_application = _debug_application(debug_app) if allow_debug else None
+    if replay_store == "memory" and workers > 1:
+        # Each forked worker would hold its own copy: a nonce accepted once per worker.
+        raise click.UsageError(
+            "--replay-store memory is one process's memory: with --workers above 1 each "
+            "worker would accept a challenge once; use sqlite (the default) or --workers 1"
+        )
     settings = ServerSettings(
         host=host,
         port=port,
