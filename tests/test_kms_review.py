@@ -62,3 +62,18 @@ def test_memory_replay_store_with_several_workers_is_a_usage_error(tmp_path: Pat
     assert result.exit_code == 2, result.output
     assert "memory" in result.output and "--workers" in result.output
     assert not (tmp_path / "s").exists()
+
+
+def test_redis_password_on_the_command_line_is_refused_without_showing_it(
+    tmp_path: Path,
+) -> None:
+    """argv is public (``ps``, /proc/PID/cmdline, and every forked worker's copy)."""
+    result = CliRunner().invoke(
+        kms_cli.cli,
+        ["serve", "--state-dir", str(tmp_path / "s"), "--port", "0",
+         "--replay-store", "redis://:hunter2-secret@127.0.0.1:1/0"],
+    )
+    assert result.exit_code == 2, result.output
+    assert "MOCK_KMS_REPLAY_STORE" in result.output
+    assert "hunter2" not in result.output
+    assert not (tmp_path / "s").exists()
