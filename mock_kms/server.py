@@ -391,6 +391,23 @@ class KmsApp:
         self.metrics.release_latency.observe(time.perf_counter() - started)
 
 
+def peer_of(address: str) -> str:
+    """The unit that ``max_connections_per_peer`` counts: an IPv4 address (an IPv4-mapped
+    IPv6 one included), or an IPv6 /64. One host is routinely given a whole /64, so counting
+    IPv6 addresses one by one would give it 2^64 allowances."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def deadline_channel(settings: ServerSettings) -> type:
     """waitress's connection class with the limits a slow-client flood runs into.
 
@@ -402,8 +419,9 @@ def deadline_channel(settings: ServerSettings) -> type:
     - ``request_timeout``: the whole request (head and body) within this;
     - ``keepalive_timeout``: a connection with no request in progress and nothing to send is
       closed after this long without a byte (a kept-alive connection is not a reservation);
-    - ``max_connections_per_peer``: a TCP peer address holding that many connections to this
-      worker has its next one closed at once, so one host cannot take every slot.
+    - ``max_connections_per_peer``: a TCP peer address (an IPv6 /64: :func:`peer_of`)
+      holding that many connections to this worker has its next one closed at once, so one
+      host cannot take every slot.
 
     The server loop asks every connection ``readable()`` at least once a second, which is
     where the clocks are checked.
@@ -425,7 +443,7 @@ def deadline_channel(settings: ServerSettings) -> type:
             super().__init__(server, sock, addr, adj, map=map)
             if sock.family not in (socket.AF_INET, socket.AF_INET6):
                 return  # a unix socket's peers are one local proxy: no per-peer cap
-            peer = str(addr[0])
+            peer = peer_of(str(addr[0]))
             with lock:
                 over = per_peer[peer] >= settings.max_connections_per_peer
                 if not over:

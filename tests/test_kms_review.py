@@ -77,3 +77,24 @@ def test_redis_password_on_the_command_line_is_refused_without_showing_it(
     assert "MOCK_KMS_REPLAY_STORE" in result.output
     assert "hunter2" not in result.output
     assert not (tmp_path / "s").exists()
+
+
+@pytest.mark.parametrize(
+    ("one", "other"),
+    [
+        ("2001:db8:1:2::1", "2001:db8:1:2:ffff:ffff:ffff:fffe"),  # one host's /64
+        ("::ffff:192.0.2.7", "192.0.2.7"),  # IPv4 seen through a dual-stack socket
+        ("fe80::1%lo", "fe80::2"),
+    ],
+)
+def test_one_host_is_one_peer_for_the_per_peer_cap(one: str, other: str) -> None:
+    from mock_kms.server import peer_of
+
+    assert peer_of(one) == peer_of(other)
+
+
+def test_other_hosts_are_other_peers() -> None:
+    from mock_kms.server import peer_of
+
+    assert peer_of("2001:db8:1:2::1") != peer_of("2001:db8:1:3::1")
+    assert peer_of("192.0.2.7") != peer_of("192.0.2.8")
