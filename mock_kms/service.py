@@ -297,6 +297,9 @@ class AuditLog:
             # At start: fail now if the file cannot be opened, and end a torn last line.
             fd = self._open(path)
             try:
+                # Under the writers' lock: a torn tail seen without it may be another
+                # process's batch still being written.
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 if self._torn(fd):
                     os.write(fd, b"\n")
                     os.fsync(fd)

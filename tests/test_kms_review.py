@@ -98,3 +98,29 @@ def test_other_hosts_are_other_peers() -> None:
 
     assert peer_of("2001:db8:1:2::1") != peer_of("2001:db8:1:3::1")
     assert peer_of("192.0.2.7") != peer_of("192.0.2.8")
+
+
+def test_a_starting_kms_does_not_end_a_line_another_process_is_writing(tmp_path: Path) -> None:
+    """A worker (re)starting while another holds the audit lock mid-record waits for it,
+    instead of taking the unfinished tail for a crash and splitting the record in two."""
+    import fcntl
+    import os
+    import threading
+    import time
+
+    from mock_kms.service import AuditLog
+
+    path = tmp_path / "audit.log"
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        os.write(fd, b'{"outcome":')  # another writer, half-way through its batch
+        starting = threading.Thread(target=AuditLog, args=(path,))
+        starting.start()
+        time.sleep(0.3)
+        os.write(fd, b'"released"}\n')
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)
+    starting.join(10)
+    assert path.read_bytes() == b'{"outcome":"released"}\n'
