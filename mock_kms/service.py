@@ -247,12 +247,15 @@ class _PendingRecord:
 
 def audit_line(entry: Mapping[str, Any], limit: int = LIMITS.max_audit_line) -> bytes:
     """``entry`` as one JSON line of at most ``limit`` bytes (control characters escaped):
-    too long, it loses its message, then every field but the decision, and says so."""
-    essential = ("time", "outcome", "code")
+    too long, it loses its message, then every field but the decision and those of fixed
+    size (when, which image and application), and says so."""
+    # Fields no request can make long: escaped names (keys, module ids) can be (a character
+    # outside the BMP is written as 12 bytes); the time of the decision must never go.
+    essential = ("ts", "time", "outcome", "code", "os_image_hash", "application", "debug")
     for attempt in (
         entry,
         {**entry, "message": protocol.echo(entry.get("message"), 256), "truncated": True},
-        {**{k: entry.get(k) for k in essential}, "truncated": True},
+        {**{k: entry[k] for k in essential if k in entry}, "truncated": True},
     ):
         line = (json.dumps(attempt, sort_keys=True, separators=(",", ":")) + "\n").encode()
         if len(line) <= limit:

@@ -124,3 +124,29 @@ def test_a_starting_kms_does_not_end_a_line_another_process_is_writing(tmp_path:
         os.close(fd)
     starting.join(10)
     assert path.read_bytes() == b'{"outcome":"released"}\n'
+
+
+def test_an_audit_line_cut_for_length_keeps_its_time(
+    tmp_path: Path, sim: SimulatedNSM, service: ReleaseService
+) -> None:
+    """Sixteen key names of 64 characters outside the BMP escape to 12 KiB of JSON: the
+    line is cut to its bound, and what remains still says when the refusal happened."""
+    import json
+
+    from mock_kms.server import KmsApp
+    from mock_kms.service import AuditLog
+
+    service.audit = AuditLog(tmp_path / "audit.log")
+    request = Enclave(sim).request(service)
+    request["keys"] = [{"name": "\U0001f512" * 64 + str(i), "length": 32} for i in range(16)]
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/v1/release",
+        "CONTENT_LENGTH": str(len(body := json.dumps(request).encode())),
+        "wsgi.input": __import__("io").BytesIO(body),
+    }
+    KmsApp(service)(environ, lambda *a: None)
+    (line,) = (tmp_path / "audit.log").read_bytes().splitlines()
+    entry = json.loads(line)
+    assert entry["truncated"] is True and entry["outcome"] == "denied"
+    assert isinstance(entry["ts"], float) and "time" not in entry
