@@ -266,6 +266,8 @@ class KmsApp:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             raise InvalidError(ErrorCode.BAD_REQUEST, "Content-Length is not a number") from None
+        if length < 0:  # read(-1) would read to the end, past every limit
+            raise InvalidError(ErrorCode.BAD_REQUEST, "Content-Length is negative")
         if length > self.max_body:
             raise InvalidError(
                 ErrorCode.BODY_TOO_LARGE,

@@ -150,3 +150,25 @@ def test_an_audit_line_cut_for_length_keeps_its_time(
     entry = json.loads(line)
     assert entry["truncated"] is True and entry["outcome"] == "denied"
     assert isinstance(entry["ts"], float) and "time" not in entry
+
+
+def test_a_negative_content_length_is_refused_unread(service: ReleaseService) -> None:
+    """waitress refuses it before the application; a WSGI server that passes it on would
+    have had the application read(-1): the whole stream, past the body limit."""
+    import io
+    import json
+
+    from mock_kms.server import KmsApp
+
+    stream = io.BytesIO(b" " * (1 << 20) + b"{}")
+    statuses: list[str] = []
+    environ = {
+        "REQUEST_METHOD": "POST",
+        "PATH_INFO": "/v1/release",
+        "CONTENT_LENGTH": "-1",
+        "wsgi.input": stream,
+    }
+    body = b"".join(KmsApp(service)(environ, lambda status, headers: statuses.append(status)))
+    assert statuses == ["400 Bad Request"]
+    assert json.loads(body)["error"] == "bad_request"
+    assert stream.tell() == 0
