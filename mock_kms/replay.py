@@ -287,7 +287,12 @@ class RedisReplayStore(ReplayStore):
             )
         except self._errors as e:
             raise _unavailable(self.description, type(e).__name__) from None
-        return Verdict(answer.decode() if isinstance(answer, bytes) else str(answer))
+        try:
+            return Verdict(answer.decode() if isinstance(answer, bytes) else str(answer))
+        except (UnicodeDecodeError, ValueError):
+            # Not our script's answer (a proxy, another program's script under its name):
+            # refused and recorded as unavailable, like any store that cannot answer.
+            raise _unavailable(self.description, "an answer that is no verdict") from None
 
     def check_ready(self) -> None:
         try:

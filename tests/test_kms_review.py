@@ -172,3 +172,17 @@ def test_a_negative_content_length_is_refused_unread(service: ReleaseService) ->
     assert statuses == ["400 Bad Request"]
     assert json.loads(body)["error"] == "bad_request"
     assert stream.tell() == 0
+
+
+@pytest.mark.parametrize("answer", [b"OK", 1, None, b"\xff"])
+def test_a_redis_answer_that_is_no_verdict_is_unavailable(answer: object) -> None:
+    """Refused as 503 replay_store_unavailable (so audited like any store failure), not an
+    exception the server turns into an unaudited 500."""
+    from mock_kms.errors import UnavailableError
+    from mock_kms.replay import RedisReplayStore
+
+    store = RedisReplayStore("redis://127.0.0.1:1/0")
+    store._script = lambda **kwargs: answer  # type: ignore[method-assign, assignment]
+    with pytest.raises(UnavailableError) as err:
+        store.claim(b"n" * 41, expires_ms=2, now_ms=1)
+    assert err.value.code == ErrorCode.REPLAY_STORE_UNAVAILABLE
