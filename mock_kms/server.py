@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -519,12 +520,25 @@ def deadline_channel(settings: ServerSettings) -> type:
     return DeadlineChannel
 
 
+def _answers(path: str) -> bool:
+    """True if a process accepts connections on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:  # refused: nobody listens; any other error: bind will tell
+            return False
+    return True
+
+
 def listen(settings: ServerSettings) -> socket.socket:
     """The listening socket, bound before any worker starts (all of them accept on it)."""
     if settings.unix_socket:
         path = settings.unix_socket
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):
+                if _answers(path):  # a running KMS's: taking its path would orphan it
+                    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), path)
                 os.unlink(path)  # a socket left by a KMS that did not stop cleanly
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)

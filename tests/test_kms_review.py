@@ -186,3 +186,27 @@ def test_a_redis_answer_that_is_no_verdict_is_unavailable(answer: object) -> Non
     with pytest.raises(UnavailableError) as err:
         store.claim(b"n" * 41, expires_ms=2, now_ms=1)
     assert err.value.code == ErrorCode.REPLAY_STORE_UNAVAILABLE
+
+
+def test_a_unix_socket_a_running_kms_serves_on_is_not_taken(tmp_path: Path) -> None:
+    """A second serve on the same --unix-socket used to unlink the first's socket and bind
+    its own: the first kept running, unreachable. It is refused as in use; a stale socket
+    (nobody listening) is still replaced."""
+    import errno
+    import socket
+
+    from mock_kms.server import ServerSettings, listen
+
+    path = str(tmp_path / "kms.sock")
+    running = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    running.bind(path)
+    running.listen(1)
+    try:
+        with pytest.raises(OSError) as err:
+            listen(ServerSettings(unix_socket=path))
+        assert err.value.errno == errno.EADDRINUSE
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(path)  # still the running one's
+    finally:
+        running.close()
+    listen(ServerSettings(unix_socket=path)).close()  # stale now: replaced
