@@ -210,3 +210,34 @@ def test_a_unix_socket_a_running_kms_serves_on_is_not_taken(tmp_path: Path) -> N
     finally:
         running.close()
     listen(ServerSettings(unix_socket=path)).close()  # stale now: replaced
+
+
+def test_a_stop_signal_right_after_a_fork_reaches_the_new_worker(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """SIGTERM landing between a worker's fork and its entry in the parent's table used to
+    be forwarded to every worker but that one, which then ran until the SIGKILL after the
+    stop grace. Held until the table has it, it stops the new worker like the others."""
+    import os
+    import signal
+    import time
+
+    from mock_kms import workers
+
+    monkeypatch.setattr(workers, "STOP_GRACE_S", 20.0)
+    real_fork = os.fork
+    sent = []
+
+    def fork_then_sigterm() -> int:
+        pid = real_fork()
+        if pid and not sent:
+            sent.append(pid)
+            os.kill(os.getpid(), signal.SIGTERM)  # the operator's stop, in the window
+        return pid
+
+    monkeypatch.setattr(workers.os, "fork", fork_then_sigterm)
+    started = time.monotonic()
+    stopped_by = workers.run_workers(1, lambda index: time.sleep(60))
+    elapsed = time.monotonic() - started
+    assert stopped_by == signal.SIGTERM
+    assert elapsed < 10, f"the worker ran {elapsed:.1f} s until SIGKILL"
