@@ -311,6 +311,10 @@ def open_replay_store(spec: str | None, state_dir: Path) -> ReplayStore:
     if spec is None or spec == "sqlite":
         return SqliteReplayStore(state_dir / SQLITE_FILE)
     if spec == "memory":
+        logger.warning(
+            "UNSAFE: replay store in memory: a challenge used before this process restarts "
+            "can be used once more after it, within its lifetime; use sqlite or redis"
+        )
         return MemoryReplayStore()
     scheme = urllib.parse.urlsplit(spec).scheme
     if scheme == "sqlite" and spec.startswith("sqlite:///"):

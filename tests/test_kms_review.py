@@ -241,3 +241,16 @@ def test_a_stop_signal_right_after_a_fork_reaches_the_new_worker(
     elapsed = time.monotonic() - started
     assert stopped_by == signal.SIGTERM
     assert elapsed < 10, f"the worker ran {elapsed:.1f} s until SIGKILL"
+
+
+def test_the_memory_replay_store_is_named_unsafe_when_chosen(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It forgets at every restart: permissive, so logged as such (STYLE 5)."""
+    import logging
+
+    from mock_kms.replay import open_replay_store
+
+    with caplog.at_level(logging.WARNING, logger="mock_kms.replay"):
+        open_replay_store("memory", tmp_path)
+    assert "UNSAFE" in caplog.text and "restart" in caplog.text
