@@ -57,6 +57,9 @@ logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+# How long a readiness answer (ready, or why not) is reused: see ReleaseService.ready.
+READY_CACHE_S = 1.0
+
 NONCE_VERSION = 1
 # version (1) || issued at, ms (8) || random (16) || HMAC-SHA256 truncated (16)
 NONCE_LENGTH = 1 + 8 + 16 + 16
@@ -422,6 +425,9 @@ class ReleaseService:
         # Issues the provenance statement of each typed key (None: releases carry none).
         self.provenance = provenance
         self.nonces = NonceBook(state.nonce_key, self.settings, clock, replay_store)
+        self._ready_lock = threading.Lock()
+        self._ready_at = float("-inf")
+        self._ready_error: KmsError | None = None
 
     def challenge(self) -> dict[str, Any]:
         nonce, expires_ms = self.nonces.issue()
@@ -429,9 +435,27 @@ class ReleaseService:
 
     def ready(self) -> dict[str, Any]:
         """Readiness: secrets loaded (by construction), the chain and the replay store
-        answering."""
-        self.allowlist.check_ready()
-        self.nonces.store.check_ready()
+        answering.
+
+        The answer (ready or the error) is kept ``READY_CACHE_S`` and found by one caller at
+        a time: ``/v1/health`` and ``/metrics`` are public, and each check is RPC calls to
+        the chain (chain id, contract code) and a store round trip, so a client asking in a
+        loop made the KMS spend the RPC provider's quota, and during an outage hold a worker
+        thread per request for up to the RPC timeout."""
+        with self._ready_lock:
+            if time.monotonic() - self._ready_at >= READY_CACHE_S:
+                try:
+                    self.allowlist.check_ready()
+                    self.nonces.store.check_ready()
+                    self._ready_error = None
+                except KmsError as e:
+                    self._ready_error = e
+                self._ready_at = time.monotonic()
+            error = self._ready_error
+        if error is not None:
+            # A new exception each time: one object raised again and again from many
+            # threads would collect every raise's traceback.
+            raise type(error)(error.code, error.message)
         return {"status": "ready", "identity": self.state.identity_text}
 
     def release(self, body: Any, timings: Timings | None = None) -> ReleaseOutcome:

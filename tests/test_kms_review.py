@@ -254,3 +254,39 @@ def test_the_memory_replay_store_is_named_unsafe_when_chosen(
     with caplog.at_level(logging.WARNING, logger="mock_kms.replay"):
         open_replay_store("memory", tmp_path)
     assert "UNSAFE" in caplog.text and "restart" in caplog.text
+
+
+def test_public_health_checks_do_not_each_ask_the_chain(
+    tmp_path: Path, sim: SimulatedNSM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/v1/health and /metrics are unauthenticated; each readiness check is RPC calls. A
+    client polling them in a loop is answered from the last check (ready or not) for a
+    second, and one caller at a time makes the check."""
+    from mock_kms import service as service_module
+    from mock_kms.errors import UnavailableError
+
+    class Chain:
+        checks = 0
+        down = False
+
+        def check_ready(self) -> None:
+            self.checks += 1
+            if self.down:
+                raise UnavailableError(ErrorCode.CHAIN_UNAVAILABLE, "connection refused")
+
+    chain = Chain()
+    svc = make_service(tmp_path, sim, chain, Clock())
+    monkeypatch.setattr(service_module, "READY_CACHE_S", 60.0, raising=False)
+    for _ in range(50):
+        svc.ready()
+    assert chain.checks == 1
+    chain.down = True
+    monkeypatch.setattr(service_module, "READY_CACHE_S", 0.0, raising=False)  # the second is over
+    with pytest.raises(UnavailableError):
+        svc.ready()
+    monkeypatch.setattr(service_module, "READY_CACHE_S", 60.0, raising=False)
+    for _ in range(50):
+        with pytest.raises(UnavailableError) as err:
+            svc.ready()
+        assert err.value.code == ErrorCode.CHAIN_UNAVAILABLE
+    assert chain.checks == 2
