@@ -523,6 +523,13 @@ def serve(
     if no_aws_root and not trust_roots:
         raise click.UsageError("--no-aws-root needs at least one --trust-root")
     debug_application = _debug_application(debug_app) if allow_debug else None
+    _refuse_password_in_argv(replay_store)
+    if replay_store == "memory" and workers > 1:
+        # Each forked worker would hold its own copy: a nonce accepted once per worker.
+        raise click.UsageError(
+            "--replay-store memory is one process's memory: with --workers above 1 each "
+            "worker would accept a challenge once; use sqlite (the default) or --workers 1"
+        )
     settings = ServerSettings(
         host=host,
         port=port,
@@ -574,6 +581,25 @@ def serve(
     logger.info("mock-kms stopping")
     if stopped_by == signal.SIGINT:
         sys.exit(EXIT_INTERRUPTED)
+
+
+def _refuse_password_in_argv(replay_store: str | None) -> None:
+    """A Redis URL with a password is read from MOCK_KMS_REPLAY_STORE, never from the command
+    line: every user of the machine reads the KMS's (and its workers') argv in ``ps``."""
+    import urllib.parse
+
+    source = click.get_current_context().get_parameter_source("replay_store")
+    if replay_store is None or source != click.core.ParameterSource.COMMANDLINE:
+        return
+    try:
+        password = urllib.parse.urlsplit(replay_store).password
+    except ValueError:
+        return  # open_replay_store says what is wrong with it
+    if password:
+        raise click.UsageError(
+            "--replay-store carries a password, which every user reads in ps: set the URL "
+            "in MOCK_KMS_REPLAY_STORE instead (the service's environment file, mode 0600)"
+        )
 
 
 def _start_service(

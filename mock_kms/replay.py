@@ -287,7 +287,12 @@ class RedisReplayStore(ReplayStore):
             )
         except self._errors as e:
             raise _unavailable(self.description, type(e).__name__) from None
-        return Verdict(answer.decode() if isinstance(answer, bytes) else str(answer))
+        try:
+            return Verdict(answer.decode() if isinstance(answer, bytes) else str(answer))
+        except (UnicodeDecodeError, ValueError):
+            # Not our script's answer (a proxy, another program's script under its name):
+            # refused and recorded as unavailable, like any store that cannot answer.
+            raise _unavailable(self.description, "an answer that is no verdict") from None
 
     def check_ready(self) -> None:
         try:
@@ -306,6 +311,10 @@ def open_replay_store(spec: str | None, state_dir: Path) -> ReplayStore:
     if spec is None or spec == "sqlite":
         return SqliteReplayStore(state_dir / SQLITE_FILE)
     if spec == "memory":
+        logger.warning(
+            "UNSAFE: replay store in memory: a challenge used before this process restarts "
+            "can be used once more after it, within its lifetime; use sqlite or redis"
+        )
         return MemoryReplayStore()
     scheme = urllib.parse.urlsplit(spec).scheme
     if scheme == "sqlite" and spec.startswith("sqlite:///"):

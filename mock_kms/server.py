@@ -32,6 +32,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -266,6 +267,8 @@ class KmsApp:
             length = int(environ.get("CONTENT_LENGTH") or 0)
         except ValueError:
             raise InvalidError(ErrorCode.BAD_REQUEST, "Content-Length is not a number") from None
+        if length < 0:  # read(-1) would read to the end, past every limit
+            raise InvalidError(ErrorCode.BAD_REQUEST, "Content-Length is negative")
         if length > self.max_body:
             raise InvalidError(
                 ErrorCode.BODY_TOO_LARGE,
@@ -391,6 +394,23 @@ class KmsApp:
         self.metrics.release_latency.observe(time.perf_counter() - started)
 
 
+def peer_of(address: str) -> str:
+    """The unit that ``max_connections_per_peer`` counts: an IPv4 address (an IPv4-mapped
+    IPv6 one included), or an IPv6 /64. One host is routinely given a whole /64, so counting
+    IPv6 addresses one by one would give it 2^64 allowances."""
+    import ipaddress
+
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, 64), strict=False))
+    return str(ip)
+
+
 def deadline_channel(settings: ServerSettings) -> type:
     """waitress's connection class with the limits a slow-client flood runs into.
 
@@ -402,8 +422,9 @@ def deadline_channel(settings: ServerSettings) -> type:
     - ``request_timeout``: the whole request (head and body) within this;
     - ``keepalive_timeout``: a connection with no request in progress and nothing to send is
       closed after this long without a byte (a kept-alive connection is not a reservation);
-    - ``max_connections_per_peer``: a TCP peer address holding that many connections to this
-      worker has its next one closed at once, so one host cannot take every slot.
+    - ``max_connections_per_peer``: a TCP peer address (an IPv6 /64: :func:`peer_of`)
+      holding that many connections to this worker has its next one closed at once, so one
+      host cannot take every slot.
 
     The server loop asks every connection ``readable()`` at least once a second, which is
     where the clocks are checked.
@@ -425,7 +446,7 @@ def deadline_channel(settings: ServerSettings) -> type:
             super().__init__(server, sock, addr, adj, map=map)
             if sock.family not in (socket.AF_INET, socket.AF_INET6):
                 return  # a unix socket's peers are one local proxy: no per-peer cap
-            peer = str(addr[0])
+            peer = peer_of(str(addr[0]))
             with lock:
                 over = per_peer[peer] >= settings.max_connections_per_peer
                 if not over:
@@ -499,12 +520,25 @@ def deadline_channel(settings: ServerSettings) -> type:
     return DeadlineChannel
 
 
+def _answers(path: str) -> bool:
+    """True if a process accepts connections on the unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:  # refused: nobody listens; any other error: bind will tell
+            return False
+    return True
+
+
 def listen(settings: ServerSettings) -> socket.socket:
     """The listening socket, bound before any worker starts (all of them accept on it)."""
     if settings.unix_socket:
         path = settings.unix_socket
         with contextlib.suppress(FileNotFoundError):
             if stat.S_ISSOCK(os.lstat(path).st_mode):
+                if _answers(path):  # a running KMS's: taking its path would orphan it
+                    raise OSError(errno.EADDRINUSE, os.strerror(errno.EADDRINUSE), path)
                 os.unlink(path)  # a socket left by a KMS that did not stop cleanly
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         old = os.umask(0o177)

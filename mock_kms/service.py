@@ -12,9 +12,11 @@ The order of checks, each with its own error code, is:
 2. the attestation document (:class:`~mock_kms.verifier.AttestationVerifier`: signature,
    chain, age, debug);
 3. the nonce inside it: issued by this KMS (any replica sharing the root secret), not
-   expired, not seen before by any worker or replica sharing the replay store;
+   expired;
 4. the binding: ``user_data`` must be the digest of exactly this request;
 5. the attested public key, which must be a key of the requested suite;
+   then the nonce is spent: not seen before by any worker or replica sharing the replay
+   store (a request it does not authorize, refused above, leaves it unspent);
 6. the allowlist on chain, which gives the application id (unreachable chain: 503);
 7. derive each key, seal it to the attested key, sign the answer.
 """
@@ -54,6 +56,9 @@ from mock_kms.verifier import AttestationVerifier, VerifiedAttestation
 logger = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+# How long a readiness answer (ready, or why not) is reused: see ReleaseService.ready.
+READY_CACHE_S = 1.0
 
 NONCE_VERSION = 1
 # version (1) || issued at, ms (8) || random (16) || HMAC-SHA256 truncated (16)
@@ -104,7 +109,13 @@ class NonceBook:
 
     def accept(self, nonce: bytes | None) -> None:
         """Accept ``nonce`` once, or raise InvalidError with the reason (UnavailableError if
-        the replay store cannot answer)."""
+        the replay store cannot answer): :meth:`check`, then :meth:`spend`."""
+        self.spend(nonce, self.check(nonce))
+
+    def check(self, nonce: bytes | None) -> int:
+        """The expiry (ms) of ``nonce`` if this KMS issued it and it has not expired; or
+        InvalidError. Spends nothing: a request is checked in full before its nonce is
+        spent, so that a request the nonce does not authorize cannot use it up."""
         if nonce is None:
             raise InvalidError(
                 ErrorCode.NONCE_MISSING,
@@ -122,7 +133,7 @@ class NonceBook:
                 ErrorCode.NONCE_INVALID,
                 "attestation nonce: not issued by this KMS (its MAC does not verify)",
             )
-        issued_ms = struct.unpack(">Q", body[1:9])[0]
+        issued_ms: int = struct.unpack(">Q", body[1:9])[0]
         issued = issued_ms / 1000
         now = self._clock()
         expires_ms = issued_ms + int(self._settings.nonce_lifetime * 1000)
@@ -135,9 +146,20 @@ class NonceBook:
             raise expired
         if issued > now + LIMITS.clock_skew.total_seconds():
             raise InvalidError(ErrorCode.NONCE_INVALID, "attestation nonce: issued in the future")
+        return expires_ms
+
+    def spend(self, nonce: bytes | None, expires_ms: int) -> None:
+        """Claim a nonce that passed :meth:`check` in the replay store: once, or raise."""
+        assert nonce is not None
+        now = self._clock()
         verdict = self.store.claim(nonce, expires_ms=expires_ms, now_ms=int(now * 1000))
         if verdict is Verdict.EXPIRED:
-            raise expired
+            raise InvalidError(
+                ErrorCode.NONCE_EXPIRED,
+                f"attestation nonce: expected a challenge at most "
+                f"{self._settings.nonce_lifetime:g} s old; the replay store's time is past "
+                "its expiry",
+            )
         if verdict is Verdict.REPLAYED:
             raise InvalidError(
                 ErrorCode.NONCE_REPLAYED,
@@ -228,12 +250,15 @@ class _PendingRecord:
 
 def audit_line(entry: Mapping[str, Any], limit: int = LIMITS.max_audit_line) -> bytes:
     """``entry`` as one JSON line of at most ``limit`` bytes (control characters escaped):
-    too long, it loses its message, then every field but the decision, and says so."""
-    essential = ("time", "outcome", "code")
+    too long, it loses its message, then every field but the decision and those of fixed
+    size (when, which image and application), and says so."""
+    # Fields no request can make long: escaped names (keys, module ids) can be (a character
+    # outside the BMP is written as 12 bytes); the time of the decision must never go.
+    essential = ("ts", "time", "outcome", "code", "os_image_hash", "application", "debug")
     for attempt in (
         entry,
         {**entry, "message": protocol.echo(entry.get("message"), 256), "truncated": True},
-        {**{k: entry.get(k) for k in essential}, "truncated": True},
+        {**{k: entry[k] for k in essential if k in entry}, "truncated": True},
     ):
         line = (json.dumps(attempt, sort_keys=True, separators=(",", ":")) + "\n").encode()
         if len(line) <= limit:
@@ -278,6 +303,9 @@ class AuditLog:
             # At start: fail now if the file cannot be opened, and end a torn last line.
             fd = self._open(path)
             try:
+                # Under the writers' lock: a torn tail seen without it may be another
+                # process's batch still being written.
+                fcntl.flock(fd, fcntl.LOCK_EX)
                 if self._torn(fd):
                     os.write(fd, b"\n")
                     os.fsync(fd)
@@ -397,6 +425,9 @@ class ReleaseService:
         # Issues the provenance statement of each typed key (None: releases carry none).
         self.provenance = provenance
         self.nonces = NonceBook(state.nonce_key, self.settings, clock, replay_store)
+        self._ready_lock = threading.Lock()
+        self._ready_at = float("-inf")
+        self._ready_error: KmsError | None = None
 
     def challenge(self) -> dict[str, Any]:
         nonce, expires_ms = self.nonces.issue()
@@ -404,9 +435,27 @@ class ReleaseService:
 
     def ready(self) -> dict[str, Any]:
         """Readiness: secrets loaded (by construction), the chain and the replay store
-        answering."""
-        self.allowlist.check_ready()
-        self.nonces.store.check_ready()
+        answering.
+
+        The answer (ready or the error) is kept ``READY_CACHE_S`` and found by one caller at
+        a time: ``/v1/health`` and ``/metrics`` are public, and each check is RPC calls to
+        the chain (chain id, contract code) and a store round trip, so a client asking in a
+        loop made the KMS spend the RPC provider's quota, and during an outage hold a worker
+        thread per request for up to the RPC timeout."""
+        with self._ready_lock:
+            if time.monotonic() - self._ready_at >= READY_CACHE_S:
+                try:
+                    self.allowlist.check_ready()
+                    self.nonces.store.check_ready()
+                    self._ready_error = None
+                except KmsError as e:
+                    self._ready_error = e
+                self._ready_at = time.monotonic()
+            error = self._ready_error
+        if error is not None:
+            # A new exception each time: one object raised again and again from many
+            # threads would collect every raise's traceback.
+            raise type(error)(error.code, error.message)
         return {"status": "ready", "identity": self.state.identity_text}
 
     def release(self, body: Any, timings: Timings | None = None) -> ReleaseOutcome:
@@ -421,7 +470,10 @@ class ReleaseService:
             timings.verification = time.perf_counter() - started
         timings.verified = verified
         document = verified.document
-        self.nonces.accept(document.nonce)
+        # The nonce is checked here but spent only once the request is known to be the one
+        # it authorizes (binding, public key): whoever copies an enclave's document into a
+        # request of their own cannot use up the enclave's nonce.
+        expires_ms = self.nonces.check(document.nonce)
         assert document.nonce is not None
         binding = protocol.request_binding(request.keys, request.suite, document.nonce)
         if document.user_data is None or not hmac.compare_digest(document.user_data, binding):
@@ -439,6 +491,7 @@ class ReleaseService:
             recipient = protocol.load_recipient_public(request.suite, document.public_key)
         except ProtocolError as e:
             raise InvalidError(ErrorCode.PUBLIC_KEY_INVALID, e.message) from None
+        self.nonces.spend(document.nonce, expires_ms)
 
         started = time.perf_counter()
         try:

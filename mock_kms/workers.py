@@ -51,7 +51,11 @@ def _die_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+_STOP_SIGNALS = {signal.SIGTERM, signal.SIGINT}
+
+
 def _start(index: int, serve_one: Callable[[int], None]) -> int:
+    """Fork a worker; called with SIGTERM and SIGINT blocked (see :func:`run_workers`)."""
     parent = os.getpid()
     pid = os.fork()
     if pid:
@@ -61,6 +65,7 @@ def _start(index: int, serve_one: Callable[[int], None]) -> int:
     try:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C stops it cleanly
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
         _die_with_parent(parent)
         serve_one(index)
         code = 0
@@ -90,10 +95,21 @@ def run_workers(count: int, serve_one: Callable[[int], None]) -> int | None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
 
+    def start(index: int) -> None:
+        # A stop signal is held from the fork until the new pid is in ``workers``: one that
+        # landed in between was lost to the new worker (which then ran until SIGKILL), or
+        # ran the parent's handler in the worker itself.
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        try:
+            if stop_by is None:
+                workers[_start(index, serve_one)] = (index, time.monotonic())
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
+
     previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         for index in range(count):
-            workers[_start(index, serve_one)] = (index, time.monotonic())
+            start(index)
         while workers:
             pid, status = _reap()
             if pid == 0:  # none has exited
@@ -118,8 +134,7 @@ def run_workers(count: int, serve_one: Callable[[int], None]) -> int | None:
             )
             if time.monotonic() - started < RESTART_PAUSE_S:
                 time.sleep(RESTART_PAUSE_S)
-            if stop_by is None:
-                workers[_start(index, serve_one)] = (index, time.monotonic())
+            start(index)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
