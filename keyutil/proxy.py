@@ -370,18 +370,24 @@ def parse_allowlist_yaml(text: str, *, source: str = "allowlist") -> tuple[HostP
     return tuple(parsed)
 
 
-def load_allowlist_file(path: str | Path) -> tuple[HostPort, ...]:
+def read_bounded_text(path: str | Path, limit: int, error: type[Exception]) -> str:
+    """A configuration file's text: at most ``limit`` bytes of UTF-8, else ``error`` naming
+    the path and what is wrong (unreadable, too large, not text)."""
     try:
         with open(path, "rb") as f:
-            data = f.read(MAX_ALLOWLIST_BYTES + 1)
+            data = f.read(limit + 1)
     except OSError as e:
-        raise ProxyConfigError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > MAX_ALLOWLIST_BYTES:
-        raise ProxyConfigError(f"{path}: larger than {MAX_ALLOWLIST_BYTES} bytes")
+        raise error(f"cannot read {path}: {e.strerror}") from None
+    if len(data) > limit:
+        raise error(f"{path}: larger than {limit} bytes")
     try:
-        text = data.decode()
+        return data.decode()
     except UnicodeDecodeError:
-        raise ProxyConfigError(f"{path}: not UTF-8 text") from None
+        raise error(f"{path}: not UTF-8 text") from None
+
+
+def load_allowlist_file(path: str | Path) -> tuple[HostPort, ...]:
+    text = read_bounded_text(path, MAX_ALLOWLIST_BYTES, ProxyConfigError)
     return parse_allowlist_yaml(text, source=str(path))
 
 

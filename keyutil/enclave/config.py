@@ -49,6 +49,7 @@ from keyutil.proxy import (
     ProxyConfigError,
     parse_destination,
     parse_listen,
+    read_bounded_text,
 )
 
 MAX_CONFIG_BYTES = 1 << 20
@@ -448,15 +449,5 @@ def parse_config(text: str, *, source: str = "config") -> RunConfig:
 
 
 def load_config(path: str | Path) -> RunConfig:
-    try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_CONFIG_BYTES + 1)
-    except OSError as e:
-        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
-    if len(data) > MAX_CONFIG_BYTES:
-        raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES} bytes")
-    try:
-        text = data.decode()
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
+    text = read_bounded_text(path, MAX_CONFIG_BYTES, ConfigError)
     return parse_config(text, source=str(path))
