@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 from pathlib import Path
@@ -21,18 +20,16 @@ from typing import Any
 
 import cbor2
 import pytest
-from test_service import APP_A, KEYS, Clock, Enclave, call, make_sim
+from test_service import APP_A, KEYS, Clock, Enclave, call, make_service, make_sim
 
 from keyutil import protocol as p
 from keyutil.simulator import SimulatedNSM
 from mock_kms.allowlist import EmbeddedAllowlist
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode
-from mock_kms.roots import load_pem_roots
 from mock_kms.server import KmsApp
-from mock_kms.service import AuditLog, ReleaseService, ReleaseSettings, audit_line
+from mock_kms.service import AuditLog, audit_line
 from mock_kms.state import KmsState
-from mock_kms.verifier import AttestationPolicy, AttestationVerifier
 
 
 @pytest.fixture(scope="module")
@@ -54,18 +51,9 @@ def kms(
     allow_debug: bool = False,
     debug_application: bytes | None = None,
 ) -> KmsApp:
-    verifier = AttestationVerifier(
-        trusted_roots=load_pem_roots(sim.directory / "root.pem"),
-        policy=AttestationPolicy(max_age=datetime.timedelta(seconds=60), allow_debug=allow_debug),
-    )
-    service = ReleaseService(
-        verifier=verifier,
-        allowlist=chain,
-        state=KmsState.load_or_create(tmp_path / "state"),
-        settings=ReleaseSettings(nonce_lifetime=30),
-        audit=AuditLog(tmp_path / "audit.log"),
-        clock=clock,
-        debug_application=debug_application,
+    service = make_service(
+        tmp_path, sim, chain, clock, allow_debug=allow_debug,
+        audit=AuditLog(tmp_path / "audit.log"), debug_application=debug_application,
     )
     return KmsApp(service)
 

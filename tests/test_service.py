@@ -71,6 +71,7 @@ def make_service(
     *,
     allow_debug: bool = False,
     audit: AuditLog | None = None,
+    debug_application: bytes | None = None,
 ) -> ReleaseService:
     verifier = AttestationVerifier(
         trusted_roots=load_pem_roots(sim.directory / "root.pem"),
@@ -83,6 +84,7 @@ def make_service(
         settings=ReleaseSettings(nonce_lifetime=30),
         audit=audit,
         clock=clock,
+        debug_application=debug_application,
     )
 
 
