@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import datetime
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,19 @@ def vector(name: str) -> bytes:
 
 def ms(timestamp_ms: int) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(timestamp_ms / 1000, datetime.UTC)
+
+
+@pytest.fixture
+def shm() -> Iterator[Path]:
+    """A fresh directory on tmpfs (/dev/shm), removed afterwards; skipped where /dev/shm is
+    not a tmpfs."""
+    from keyutil.output import TMPFS_MAGIC, filesystem_magic
+
+    if not Path("/dev/shm").is_dir() or filesystem_magic("/dev/shm") != TMPFS_MAGIC:
+        pytest.skip("/dev/shm is not a tmpfs here")
+    directory = Path(tempfile.mkdtemp(prefix="keyutil-test-", dir="/dev/shm"))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture

@@ -5,14 +5,12 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from click.testing import CliRunner, Result
 from test_client import FakeKms, TcpServer, UnixServer, serve  # noqa: F401 (fixture)
 
 from keyutil.cli import cli
-from keyutil.output import TMPFS_MAGIC, filesystem_magic
 from keyutil.simulator import SimulatedNSM
 
 
@@ -46,14 +43,6 @@ def kms(nsm: SimulatedNSM) -> FakeKms:
 def url(kms: FakeKms, serve: Callable[[Any], str], tmp_path: Path) -> str:  # noqa: F811
     return serve(UnixServer(tmp_path / "kms.sock", kms.handle))
 
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    if not Path("/dev/shm").is_dir() or filesystem_magic("/dev/shm") != TMPFS_MAGIC:
-        pytest.skip("/dev/shm is not a tmpfs here")
-    directory = Path(tempfile.mkdtemp(prefix="keyutil-cli-", dir="/dev/shm"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def keyutil(*args: str, env: dict[str, str] | None = None) -> Result:

@@ -8,9 +8,7 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +19,6 @@ from test_client import FakeKms, InProcess, UnixServer, serve  # noqa: F401 (fix
 from keyutil import protocol
 from keyutil.cli import cli
 from keyutil.client import AnswerRejected, KmsUnavailable, ReleaseRequest, release_keys
-from keyutil.output import TMPFS_MAGIC, filesystem_magic
 from keyutil.simulator import SimulatedNSM
 from keyutil.transport import MAX_JSON_DEPTH, TransportError, decode_json
 
@@ -45,14 +42,6 @@ def kms(nsm: SimulatedNSM) -> FakeKms:
 def url(kms: FakeKms, serve: Callable[[Any], str], tmp_path: Path) -> str:  # noqa: F811
     return serve(UnixServer(tmp_path / "kms.sock", kms.handle))
 
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    if not Path("/dev/shm").is_dir() or filesystem_magic("/dev/shm") != TMPFS_MAGIC:
-        pytest.skip("/dev/shm is not a tmpfs here")
-    directory = Path(tempfile.mkdtemp(prefix="keyutil-app-", dir="/dev/shm"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def get_key(url: str, nsm: SimulatedNSM, kms: FakeKms, *args: str) -> Result:

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import stat
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,15 +28,6 @@ SECRET = bytes(range(32))
 def keys(*names: str) -> list[ReleasedKey]:
     return [ReleasedKey(n, bytearray(SECRET[::-1] if i else SECRET)) for i, n in enumerate(names)]
 
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    """A fresh directory on tmpfs (/dev/shm), removed afterwards."""
-    if not Path("/dev/shm").is_dir() or filesystem_magic("/dev/shm") != TMPFS_MAGIC:
-        pytest.skip("/dev/shm is not a tmpfs here")
-    directory = Path(tempfile.mkdtemp(prefix="keyutil-test-", dir="/dev/shm"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 def test_statfs_magic() -> None:

@@ -12,13 +12,11 @@
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +43,6 @@ SECRET = bytes(range(32))
 def keys(*names: str) -> list[ReleasedKey]:
     return [ReleasedKey(n, bytearray(SECRET)) for n in names]
 
-
-@pytest.fixture
-def shm() -> Iterator[Path]:
-    if not Path("/dev/shm").is_dir() or filesystem_magic("/dev/shm") != TMPFS_MAGIC:
-        pytest.skip("/dev/shm is not a tmpfs here")
-    directory = Path(tempfile.mkdtemp(prefix="keyutil-safe-", dir="/dev/shm"))
-    yield directory
-    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture
