@@ -31,18 +31,16 @@ import click
 
 from keyutil.cliutil import EXIT_INTERRUPTED, option_envvars, run, version_option
 from keyutil.events import LOG_LEVELS, format_event
+from keyutil.exitcodes import (  # the README's table checks every EXIT_* seen here
+    EXIT_DENIED,
+    EXIT_NETWORK,
+    EXIT_NSM,
+    EXIT_OUTPUT,
+    EXIT_UNAUTHENTICATED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 from keyutil.nsm import NsmError, NsmKind, open_nsm
-
-EXIT_OK = 0
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_DENIED = 4
-EXIT_NSM = 5
-EXIT_UNAUTHENTICATED = 6
-EXIT_OUTPUT = 7
-EXIT_NETWORK = 8
-EXIT_SEALED = 9  # sealed input refused (keyutil/sealing/commands.py)
-EXIT_EXEC_FAILED = 127  # keyutil exec: the command cannot be executed, as a shell says
 
 
 def _hex(length: int | None = None) -> Callable[[click.Context, click.Parameter, Any], Any]:

@@ -60,6 +60,17 @@ from typing import IO, Any
 from keyutil.enclave.config import RESERVED_ENV_PREFIX, Forward, KeySet, RunConfig, Sealed
 from keyutil.enclave.logsend import LogSender
 from keyutil.events import format_event
+from keyutil.exitcodes import (
+    EXIT_APP_START,
+    EXIT_DENIED,
+    EXIT_NETWORK,
+    EXIT_NSM,
+    EXIT_OUTPUT,
+    EXIT_SEALED,
+    EXIT_UNAUTHENTICATED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+)
 from keyutil.logwire import MAX_LINE, printable
 from keyutil.proxy import (
     Allowlist,
@@ -71,15 +82,6 @@ from keyutil.proxy import (
     connect_destination,
 )
 
-EXIT_USAGE = 2
-EXIT_UNAVAILABLE = 3
-EXIT_DENIED = 4
-EXIT_NSM = 5
-EXIT_UNAUTHENTICATED = 6
-EXIT_OUTPUT = 7
-EXIT_NETWORK = 8
-EXIT_SEALED = 9
-EXIT_APP_START = 10
 EXIT_INTERNAL = 1  # a step failed in a way it did not foresee (a bug): logged like the others
 
 PR_SET_CHILD_SUBREAPER = 36

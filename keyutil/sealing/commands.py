@@ -23,14 +23,6 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import click
 
 from keyutil.cli import (
-    EXIT_DENIED,
-    EXIT_EXEC_FAILED,
-    EXIT_NSM,
-    EXIT_OUTPUT,
-    EXIT_SEALED,
-    EXIT_UNAUTHENTICATED,
-    EXIT_UNAVAILABLE,
-    EXIT_USAGE,
     SUITE_CHOICES,
     EventLog,
     _transport,
@@ -41,6 +33,16 @@ from keyutil.cli import (
     nsm_option,
     sim_dir_option,
     verbose_option,
+)
+from keyutil.exitcodes import (
+    EXIT_DENIED,
+    EXIT_EXEC_FAILED,
+    EXIT_NSM,
+    EXIT_OUTPUT,
+    EXIT_SEALED,
+    EXIT_UNAUTHENTICATED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
 )
 from keyutil.nsm import NsmError, NsmKind
 
