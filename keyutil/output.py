@@ -78,10 +78,10 @@ def filesystem_magic(path: str | os.PathLike[str]) -> int:
     return _magic("statfs", os.fsencode(path), path)
 
 
-def _refuse_persistent(where: Path, magic: int, what: str) -> OutputError:
+def _refuse_persistent(where: Path, magic: int, what: str, holds: str = "a key") -> OutputError:
     return OutputError(
         "output_persistent",
-        f"{where} {what} not on tmpfs or ramfs (file system magic {magic:#x}); a key must not "
+        f"{where} {what} not on tmpfs or ramfs (file system magic {magic:#x}); {holds} must not "
         "reach a persistent disk. Use a tmpfs (e.g. /run, /dev/shm) or --allow-persistent",
     )
 
@@ -93,7 +93,11 @@ class OpenDirectory:
     """A directory opened once, by descriptor, checked with ``fstatfs``; every file of the
     sink is created, renamed and fsync'd relative to :attr:`fd`."""
 
-    def __init__(self, path: Path, *, allow_persistent: bool = False, create: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, allow_persistent: bool = False, create: bool = False,
+        holds: str = "a key",
+    ) -> None:
+        """``holds`` names what the directory is for, in the refusal of a persistent one."""
         self.path = path
         try:
             self.fd = os.open(path, _DIR_FLAGS | os.O_NOFOLLOW)
@@ -114,7 +118,7 @@ class OpenDirectory:
         try:
             magic = _magic("fstatfs", self.fd, path)
             if not allow_persistent and magic not in VOLATILE_FILESYSTEMS:
-                raise _refuse_persistent(path, magic, "is")
+                raise _refuse_persistent(path, magic, "is", holds)
             if not os.access(".", os.W_OK, dir_fd=self.fd):
                 raise OutputError("output_unwritable", f"{path} is not writable")
         except BaseException:

@@ -39,7 +39,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import BinaryIO
 
-from keyutil.output import KEY_FILE_MODE, VOLATILE_FILESYSTEMS, OutputError, filesystem_magic
+from keyutil.output import KEY_FILE_MODE, OpenDirectory, OutputError
 
 READ_BUFFER = 64 * 1024 + 16
 DEFAULT_FETCH_TIMEOUT = 60.0
@@ -171,42 +171,13 @@ def _write_all(fd: int, data: bytes | memoryview) -> None:
 
 def open_volatile_directory(path: Path, *, allow_persistent: bool) -> int:
     """A descriptor of directory ``path`` (a symlink refused), checked to be on tmpfs or
-    ramfs unless ``allow_persistent``, and writable; OutputError otherwise.
+    ramfs unless ``allow_persistent``, and writable; OutputError otherwise. The caller
+    closes it.
 
-    The one place that decides where plaintext may go: the same rule as key files
-    (:mod:`keyutil.output`), and every file operation after it is relative to the descriptor.
+    The rule of key files (:class:`keyutil.output.OpenDirectory`, which decides it), and
+    every file operation after it is relative to the descriptor.
     """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except FileNotFoundError:
-        raise OutputError("output_dir_missing", f"{path} does not exist") from None
-    except OSError as e:
-        if os.path.islink(path):
-            raise OutputError(
-                "output_symlink", f"{path} is a symbolic link; give the real directory"
-            ) from None
-        if isinstance(e, NotADirectoryError):
-            raise OutputError("output_dir_missing", f"{path} is not a directory") from None
-        raise OutputError("output_unwritable", f"cannot open {path}: {e.strerror}") from None
-    try:
-        magic = filesystem_magic(f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd")
-                                 else path)
-        if not allow_persistent and magic not in VOLATILE_FILESYSTEMS:
-            raise OutputError(
-                "output_persistent",
-                f"{path} is not on tmpfs or ramfs (file system magic {magic:#x}); plaintext "
-                "must not reach a persistent disk. Use a tmpfs (e.g. /run, /dev/shm) or "
-                "--allow-persistent",
-            )
-        if not os.access(".", os.W_OK, dir_fd=fd):
-            raise OutputError("output_unwritable", f"{path} is not writable")
-    except OSError as e:
-        os.close(fd)
-        raise OutputError("output_unwritable", f"cannot inspect {path}: {e.strerror}") from None
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+    return OpenDirectory(path, allow_persistent=allow_persistent, holds="plaintext").fd
 
 
 class PlaintextFile:
