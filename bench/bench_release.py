@@ -4,8 +4,9 @@
 
 Set-up (not timed): an NSM simulator (``keyutil sim init``), a KMS state directory
 (``mock-kms identity``) and one ``mock-kms serve`` subprocess (embedded chain, the
-simulator's root trusted, its image allowed for application ``app``, ``--threads`` worker
-threads, no audit log unless ``--audit-log``), polled until ``GET /v1/health`` is 200.
+simulator's root trusted, its image allowed for application ``app``, ``--threads`` and
+``--workers`` as given, no audit log unless ``--audit-log``), polled until
+``GET /v1/health`` is 200.
 
 Clients: for each N, N client processes (``multiprocessing``, fork), one closed-loop client
 each on its own keep-alive HTTP/1.1 connection. Every release is the whole protocol, nothing
@@ -25,7 +26,7 @@ Each N runs for ``--warmup`` seconds (not counted), then ``--seconds`` measured.
 (b) the server's own time per release from its Prometheus ``/metrics`` (the deltas of
     ``kms_release_seconds_sum`` / ``_count`` across the window), its verification share
     (``kms_verification_seconds``), and the server process's CPU seconds per release
-    (``/proc/PID/stat`` utime + stime deltas; includes challenges, HTTP and waitress).
+    (``/proc/PID/stat`` utime + stime deltas; includes challenges and HTTP).
 
 Crypto floor, single-threaded in this process, the server idle, in rounds before, between
 and after the load phases (pooled; the median per segment is shown to expose drift): the
@@ -47,6 +48,7 @@ import multiprocessing.connection
 import os
 import shutil
 import signal
+import socket
 import statistics
 import sys
 import tempfile
@@ -94,6 +96,7 @@ class Prepared:
     recipient: Any
     binding: bytes
     body: bytes
+    request: bytes = b""  # the whole HTTP request, when built before the window
 
 
 class Client:
@@ -164,6 +167,31 @@ class Client:
             raise RuntimeError(f"release: HTTP {status} {data[:300]!r}")
         return round_trip, data
 
+    def send_raw(self, prepared: Prepared) -> tuple[float, bytes]:
+        """As :meth:`send`, on a new connection with the request's bytes built beforehand
+        (the KMS closes the connection after a release, as it does for keyutil): a client
+        that costs the machine as little as a client can, so that the KMS is what is
+        measured. The answer is checked later, by :meth:`check`, like :meth:`send`'s."""
+        request = prepared.request or self.request_bytes(prepared.body)
+        started = time.perf_counter()
+        with socket.create_connection((self.host, self.port), timeout=30) as sock:
+            sock.sendall(request)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        round_trip = time.perf_counter() - started
+        head, _, data = b"".join(chunks).partition(b"\r\n\r\n")
+        if not head.startswith(b"HTTP/1.1 200 "):
+            raise RuntimeError(f"release: {head[:40]!r} {data[:300]!r}")
+        return round_trip, data
+
+    def request_bytes(self, body: bytes) -> bytes:
+        return (
+            f"POST /v1/release HTTP/1.1\r\nHost: {self.host}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n"
+        ).encode() + body
+
     def release(self) -> float:
         """One whole release; the /v1/release round trip in seconds. Raises on any failure."""
         prepared = self.prepare()
@@ -196,7 +224,8 @@ def client_worker(
     received on ``conn`` once this client has sent "ready".
 
     With ``precomputed`` > 0, first ask that many challenges and build their release bodies
-    (documents, key pairs), then in the loop only POST them; every answer is checked after
+    (documents, key pairs, the HTTP requests), then in the loop only send them, each on a new
+    connection (:meth:`Client.send_raw`); every answer is checked after
     ``stop_at``, outside the window. Sends back ([(start, end, release round trip)],
     [(start, end, error text)]).
     """
@@ -206,6 +235,7 @@ def client_worker(
     try:
         client = Client(host, port, Path(sim_dir), Path(state_dir), identity)
         ready = [client.prepare() for _ in range(precomputed)]
+        ready = [dataclasses.replace(r, request=client.request_bytes(r.body)) for r in ready]
         answers: list[tuple[Prepared, bytes]] = []
         conn.send("ready")
         begin_at, stop_at = conn.recv()
@@ -221,7 +251,7 @@ def client_worker(
                         errors.append((start, start, "out of precomputed documents: raise --docs"))
                         break
                     prepared = ready.pop()
-                    round_trip, data = client.send(prepared)
+                    round_trip, data = client.send_raw(prepared)
                     answers.append((prepared, data))
                 else:
                     round_trip = client.release()
@@ -471,7 +501,7 @@ RATIO_NOTES = {
     "server's own in-handler wall time that is unavoidable crypto (with N>1, handler time "
     "also counts waiting for the GIL and the CPU, so N=1 is the fair one)",
     "floor_over_server_cpu": "floor / server CPU per release (/proc): the share of the "
-    "server process's actual CPU per release (HTTP, challenge, JSON, waitress included) "
+    "server process's actual CPU per release (HTTP, challenge, JSON included) "
     "that is unavoidable crypto",
     "floor_over_machine_time": "floor / (cores / throughput), cores = all usable CPUs: the "
     "share of the whole machine's capacity per end-to-end release that is the KMS floor; "
@@ -507,7 +537,7 @@ def print_table(report: dict[str, Any]) -> None:
     )
     print(
         f"server: mock-kms serve, workers {report['server_workers']}, "
-        f"{report['server_threads']} waitress threads each, embedded chain, "
+        f"--threads {report['server_threads']} each, embedded chain, "
         f"audit log {'on' if report['audit_log'] else 'off'}; clients: N processes, one "
         f"closed-loop client and keep-alive connection each, on the same "
         f"{report['cpus_usable']} cores"
@@ -683,7 +713,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="measured per N (10)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured per N (1)")
     parser.add_argument("--floor-seconds", type=float, default=5.0, help="floor timing (5)")
-    parser.add_argument("--threads", type=int, default=8, help="mock-kms --threads (8)")
+    parser.add_argument("--threads", type=int, default=1, help="mock-kms --threads (1)")
     parser.add_argument(
         "--workers",
         type=lambda s: [int(x) for x in s.split(",")],

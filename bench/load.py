@@ -498,7 +498,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup", type=float, default=10.0, help="warm-up before (10)")
     parser.add_argument("--processes", type=int, default=4, help="client processes (4)")
     parser.add_argument("--threads", type=int, default=2, help="clients per process (2)")
-    parser.add_argument("--kms-threads", type=int, default=8, help="mock-kms --threads (8)")
+    parser.add_argument("--kms-threads", type=int, default=1, help="mock-kms --threads (1)")
     parser.add_argument("--workers", type=int, help="mock-kms --workers (its default: CPUs)")
     parser.add_argument(
         "--redis", action="store_true", help="start a redis-server as the --replay-store"

@@ -406,9 +406,11 @@ def recipient(state_dir: Path, app: str, key_name: str, key_type: str, as_json: 
 @click.option(
     "--threads",
     type=click.IntRange(1, 256),
-    default=8,
+    default=1,
     envvar="MOCK_KMS_THREADS",
-    help="Worker threads.",
+    help="Requests one worker runs at once. 1 runs each in the worker's own event loop, the "
+    "cheapest; more hands whole requests to that many threads, for a chain node or replay "
+    "store slow to answer.",
 )
 @click.option(
     "--idle-timeout",
@@ -430,7 +432,7 @@ def recipient(state_dir: Path, app: str, key_name: str, key_type: str, as_json: 
     default=lambda: _usable_cpus(),
     show_default="usable CPUs",
     envvar="MOCK_KMS_WORKERS",
-    help="Processes accepting on the one listening address, each with --threads threads.",
+    help="Processes accepting on the one listening address (with --threads 1, one core each).",
 )
 @click.option(
     "--replay-store",
@@ -675,23 +677,24 @@ def _serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> int 
 
     stopped_by: list[int] = []
 
-    def interrupt(signum: int, frame: object) -> None:
-        stopped_by.append(signum)
-        raise KeyboardInterrupt
-
     def serve_one(index: int, metrics_dir: str | None = None) -> None:
         service.nonces.store.close()  # a forked worker opens its own connections
         server = create_server(
-            KmsApp(service, max_body=settings.max_body, metrics_dir=metrics_dir), settings, sock
+            KmsApp(service, max_body=settings.max_body, metrics_dir=metrics_dir),
+            settings,
+            sock,
+            multiprocess=metrics_dir is not None,
         )
-        # SIGTERM stops the loop the way Ctrl-C does; closing the sockets from inside the
-        # handler would pull them from under the poll() that run() is blocked in.
-        signal.signal(signal.SIGTERM, interrupt)
-        signal.signal(signal.SIGINT, interrupt)
+
+        def stop(signum: int, frame: object) -> None:
+            # The loop finishes the requests in progress, then run() returns.
+            stopped_by.append(signum)
+            server.stop()
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
         try:
-            server.run()  # returns (waitress swallows the interrupt) or raises it
-        except KeyboardInterrupt:
-            pass
+            server.run()
         finally:
             server.close()
 

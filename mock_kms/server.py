@@ -1,4 +1,4 @@
-"""The KMS over HTTP: a WSGI application served by waitress.
+"""The KMS over HTTP: a WSGI application and the server settings.
 
     >>> from mock_kms.server import KmsApp, serve                     # doctest: +SKIP
     >>> serve(KmsApp(service), ServerSettings(host="127.0.0.1", port=8420))  # doctest: +SKIP
@@ -20,16 +20,15 @@ Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
                            ``kms_build_info{version}`` and ``kms_ready`` (1 ready, 0 not)
 =========================  ===================================================================
 
-waitress is concurrent (a thread pool), bounds the request body and header sizes and caps
-open connections, in all and per peer address. Four clocks close connections (see
-:func:`deadline_channel`), so a client that trickles a byte now and then, or keeps an idle
-connection alive, cannot keep a slot. Several workers (:mod:`mock_kms.workers`) accept on one
-listening socket made by :func:`listen`.
+:mod:`mock_kms.httpd` serves it: one event loop per worker process that runs each whole
+request where it arrived, bounds the request head and body, caps open connections in all and
+per peer address, and closes connections on four clocks, so a client that trickles a byte now
+and then, or keeps an idle connection alive, cannot keep a slot. Several workers
+(:mod:`mock_kms.workers`) accept on one listening socket made by :func:`listen`.
 """
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
@@ -38,7 +37,6 @@ import logging
 import os
 import socket
 import stat
-import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -49,6 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from keyutil.protocol import json_nesting
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
+from mock_kms.httpd import HttpServer, peer_of
 from mock_kms.service import ReleaseService, Timings, describe_document
 
 logger = logging.getLogger(__name__)
@@ -57,8 +56,7 @@ StartResponse = Callable[..., Any]
 Environ = dict[str, Any]
 
 RELEASE_PATH = "/v1/release"
-# How often each connection's request and keep-alive deadlines are looked at (seconds).
-DEADLINE_CHECK_INTERVAL = 0.25
+__all__ = ["HttpServer", "KmsApp", "ServerSettings", "create_server", "listen", "peer_of"]
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
@@ -68,7 +66,9 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = 8420
     unix_socket: str | None = None
-    threads: int = 8
+    # Requests one worker runs at once: 1 runs each in the worker's event loop; more hands
+    # whole requests to that many threads (for a chain node or replay store slow to answer).
+    threads: int = 1
     max_body: int = 64 * 1024
     # Seconds a connection may sit idle (nothing sent or received) before it is closed.
     channel_timeout: int = 30
@@ -394,132 +394,6 @@ class KmsApp:
         self.metrics.release_latency.observe(time.perf_counter() - started)
 
 
-def peer_of(address: str) -> str:
-    """The unit that ``max_connections_per_peer`` counts: an IPv4 address (an IPv4-mapped
-    IPv6 one included), or an IPv6 /64. One host is routinely given a whole /64, so counting
-    IPv6 addresses one by one would give it 2^64 allowances."""
-    import ipaddress
-
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return address
-    if isinstance(ip, ipaddress.IPv6Address):
-        if ip.ipv4_mapped is not None:
-            return str(ip.ipv4_mapped)
-        return str(ipaddress.IPv6Network((ip, 64), strict=False))
-    return str(ip)
-
-
-def deadline_channel(settings: ServerSettings) -> type:
-    """waitress's connection class with the limits a slow-client flood runs into.
-
-    waitress's own ``channel_timeout`` counts idle time only: a client that sends one byte
-    every few seconds is never idle and would hold its connection (one of
-    ``connection_limit``) for as long as it likes. This class adds, per connection:
-
-    - ``header_timeout``: a request's head must be whole this long after its first byte;
-    - ``request_timeout``: the whole request (head and body) within this;
-    - ``keepalive_timeout``: a connection with no request in progress and nothing to send is
-      closed after this long without a byte (a kept-alive connection is not a reservation);
-    - ``max_connections_per_peer``: a TCP peer address (an IPv6 /64: :func:`peer_of`)
-      holding that many connections to this worker has its next one closed at once, so one
-      host cannot take every slot.
-
-    The server loop asks every connection ``readable()`` at least once a second, which is
-    where the clocks are checked.
-    """
-    from waitress.channel import HTTPChannel
-
-    per_peer: collections.Counter[str] = collections.Counter()
-    lock = threading.Lock()
-    last_refusal_log = [0.0]
-
-    class DeadlineChannel(HTTPChannel):  # type: ignore[misc]
-        _partial: Any = None  # the request being received, or None between requests
-        _partial_since = 0.0
-        _peer: str | None = None
-        _next_check = 0.0
-        will_close: bool  # waitress's flag: close once the output is flushed
-
-        def __init__(self, server: Any, sock: Any, addr: Any, adj: Any, map: Any = None) -> None:
-            super().__init__(server, sock, addr, adj, map=map)
-            if sock.family not in (socket.AF_INET, socket.AF_INET6):
-                return  # a unix socket's peers are one local proxy: no per-peer cap
-            peer = peer_of(str(addr[0]))
-            with lock:
-                over = per_peer[peer] >= settings.max_connections_per_peer
-                if not over:
-                    per_peer[peer] += 1
-                    self._peer = peer
-            if over:
-                now = time.monotonic()
-                if now - last_refusal_log[0] > 1.0:
-                    last_refusal_log[0] = now
-                    logger.warning(
-                        "refusing connections from %s: it holds %d (the per-peer limit)",
-                        peer,
-                        settings.max_connections_per_peer,
-                    )
-                self.handle_close()
-
-        def del_channel(self, map: Any = None) -> None:
-            super().del_channel(map)
-            with lock:
-                if self._peer is not None:
-                    per_peer[self._peer] -= 1
-                    if per_peer[self._peer] <= 0:
-                        del per_peer[self._peer]
-                    self._peer = None
-
-        def received(self, data: bytes) -> bool:
-            result = bool(super().received(data))
-            if self.request is not self._partial:
-                self._partial = self.request
-                self._partial_since = time.monotonic()
-            return result
-
-        def service(self) -> None:
-            # A release ends an enclave's exchange: close the connection after answering it
-            # (with "Connection: close", as if the client had asked), so the next exchange
-            # connects anew and lands on whichever worker is free. Kept-alive connections
-            # otherwise stay with the worker that accepted them, however busy it is.
-            request = self.requests[0] if self.requests else None
-            if request is not None and not request.error and request.path == RELEASE_PATH:
-                request.headers["CONNECTION"] = "close"
-            super().service()
-
-        def _expired(self, now: float) -> str | None:
-            partial = self._partial
-            if partial is not None:
-                since = now - self._partial_since
-                if not partial.headers_finished and since > settings.header_timeout:
-                    return f"its request head did not arrive within {settings.header_timeout:g} s"
-                if since > settings.request_timeout:
-                    return f"its request did not arrive within {settings.request_timeout:g} s"
-            elif (
-                not self.requests
-                and not self.total_outbufs_len
-                and time.time() - self.last_activity > settings.keepalive_timeout
-            ):
-                return f"idle for {settings.keepalive_timeout:g} s between requests"
-            return None
-
-        def readable(self) -> bool:
-            # Asked of every connection at every turn of the server loop: look at the clocks
-            # a few times a second, not at every turn (it showed in profiles under load).
-            now = time.monotonic()
-            if now >= self._next_check and not self.will_close:
-                self._next_check = now + DEADLINE_CHECK_INTERVAL
-                reason = self._expired(now)
-                if reason is not None:
-                    logger.info("closing a connection from %s: %s", self.addr, reason)
-                    self.will_close = True
-            return bool(super().readable())
-
-    return DeadlineChannel
-
-
 def _answers(path: str) -> bool:
     """True if a process accepts connections on the unix socket ``path``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
@@ -556,31 +430,17 @@ def listen(settings: ServerSettings) -> socket.socket:
     return sock
 
 
-def create_server(app: KmsApp, settings: ServerSettings, sock: socket.socket | None = None) -> Any:
-    """A waitress server on ``sock`` (or a new one bound for ``settings``); ``.run()`` serves."""
-    from waitress.server import BaseWSGIServer
-    from waitress.server import create_server as waitress_server
-
-    options: dict[str, Any] = {
-        "threads": settings.threads,
-        "max_request_body_size": settings.max_body,
-        "max_request_header_size": 16 * 1024,
-        "channel_timeout": settings.channel_timeout,
-        # How often idle connections are looked for (waitress's default is every 30 s).
-        "cleanup_interval": 1,
-        # poll(2), not select(2): no FD_SETSIZE ceiling under a connection flood.
-        "asyncore_use_poll": True,
-        "connection_limit": settings.connection_limit,
-        "backlog": settings.backlog,
-        "ident": "mock-kms",
-        "clear_untrusted_proxy_headers": True,
-        "sockets": [sock if sock is not None else listen(settings)],
-    }
-    socket_map: dict[int, Any] = {}
-    server = waitress_server(app, map=socket_map, **options)
-    # waitress takes no connection class as an option: set it on each listening socket.
-    channel = deadline_channel(settings)
-    for dispatcher in socket_map.values():
-        if isinstance(dispatcher, BaseWSGIServer):
-            dispatcher.channel_class = channel
-    return server
+def create_server(
+    app: KmsApp, settings: ServerSettings, sock: socket.socket | None = None, *,
+    multiprocess: bool = False,
+) -> HttpServer:
+    """The server on ``sock`` (or a new one bound for ``settings``); ``.run()`` serves until
+    ``.stop()``. A release closes its connection once answered: it ends an enclave's
+    exchange, and the next exchange then connects to whichever worker is free."""
+    return HttpServer(
+        app,
+        settings,
+        sock if sock is not None else listen(settings),
+        close_after=(RELEASE_PATH,),
+        multiprocess=multiprocess,
+    )
