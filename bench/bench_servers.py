@@ -1,22 +1,26 @@
-"""Compare HTTP servers for the KMS in one run: pre-forked waitress (what ``mock-kms serve``
-runs), granian (Rust, WSGI interface) and gunicorn (gthread workers), all serving the same
-WSGI app (``mock_kms.server.KmsApp``) over the same release service.
+"""Compare HTTP servers for the KMS in one run: ``mock-kms serve``'s own (mock_kms/httpd.py,
+one event loop per worker), pre-forked waitress, granian (Rust, WSGI interface) and gunicorn
+(gthread workers), all serving the same WSGI app (``mock_kms.server.KmsApp``) over the same
+release service.
 
-    .venv/bin/python bench/bench_servers.py [--servers waitress,granian,gunicorn]
-        [--workers 1,2] [--rounds 2] [--clients 4] [--docs 1500] [--seconds 8]
+    .venv/bin/python bench/bench_servers.py [--servers mock-kms,waitress,granian,gunicorn]
+        [--workers 1,2] [--rounds 2] [--clients 4] [--docs 2500] [--seconds 8]
         [--flood-runs 5] [--json]
 
-granian and gunicorn are not dependencies of the project: install them into .venv for this
-benchmark (``.venv/bin/pip install granian gunicorn``); a server that is missing is skipped.
+waitress, granian and gunicorn are not dependencies of the project: install them into .venv
+for this benchmark (``.venv/bin/pip install waitress granian gunicorn``); a server that is
+missing is skipped.
 
-How each server is started: ``mock-kms serve`` itself for waitress; for the others this
+How each server is started: ``mock-kms serve`` itself for mock-kms; for the others this
 script's launcher mode (``bench_servers.py --as-server NAME serve ARGS``), which runs the real
 ``mock-kms serve`` command line (same options parsed, same socket bound first, same service
 built: state, embedded chain with the image registered, verifier, SQLite replay store) and
-replaces only its last step, the serving: the bound socket is closed and the candidate binds
-the same address with N workers forked from the built service; each worker builds its
-``KmsApp`` after the fork (multiprocess metrics with N > 1), as waitress's workers do. The
-candidates' settings: the same 8 threads per worker; granian's request-head deadline 5 s
+replaces only its last step, the serving: waitress workers (:func:`mock_kms.workers.
+run_workers`) accept on the bound socket; for granian and gunicorn it is closed and they bind
+the same address; each worker builds its ``KmsApp`` after the fork (multiprocess metrics with
+N > 1), as ``mock-kms serve``'s workers do. The candidates' settings: 8 threads per worker
+(``mock-kms serve`` runs each request in its loop); waitress's own limits only (none for slow
+clients beyond its idle timeout); granian's request-head deadline 5 s
 (``http1_header_read_timeout``, its only slow-client limit: it has no per-peer cap and no
 idle keep-alive limit, but the head deadline also bounds a kept-alive connection's wait);
 gunicorn's keep-alive 5 s (it has no request-head deadline: a gthread worker reads a new
@@ -25,7 +29,8 @@ connection's request in one of its threads).
 Measured, interleaved (round 1 of every server and worker count, then round 2, ...):
 
 - ``bench_release.run_load`` with ``--clients`` closed-loop client processes whose
-  ``--docs`` documents are built before the window (so that the KMS, not the clients, is the
+  ``--docs`` documents and requests are built before the window, each sent on a new
+  connection as keyutil does (so that the KMS, not the clients, is the
   bottleneck): releases/s, server CPU per release (``/proc`` utime + stime of the launched
   process and its children, i.e. every worker), floor / server CPU, with the crypto floor
   measured in this process between phases (``bench_release.FloorBench``);
@@ -52,7 +57,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-SERVERS = ("waitress", "granian", "gunicorn")
+SERVERS = ("mock-kms", "waitress", "granian", "gunicorn")
+CANDIDATE_THREADS = 8
 
 
 # -- Launcher: ``mock-kms serve`` with another server doing the serving ----------------------
@@ -65,18 +71,45 @@ def _worker_app(service: Any, settings: Any, metrics_dir: str | None) -> Any:
     return KmsApp(service, max_body=settings.max_body, metrics_dir=metrics_dir)
 
 
-def _serve_granian(service: Any, settings: Any, workers: int, metrics_dir: str | None) -> None:
+def _serve_waitress(
+    service: Any, settings: Any, workers: int, metrics_dir: str | None, sock: Any
+) -> None:
+    from waitress.server import create_server
+
+    from mock_kms.workers import run_workers
+
+    def one(index: int) -> None:
+        create_server(
+            _worker_app(service, settings, metrics_dir),
+            sockets=[sock],
+            threads=CANDIDATE_THREADS,
+            max_request_body_size=settings.max_body,
+            connection_limit=settings.connection_limit,
+            channel_timeout=settings.channel_timeout,
+            asyncore_use_poll=True,
+        ).run()
+
+    if workers == 1:
+        one(0)
+    else:
+        run_workers(workers, one)
+
+
+def _serve_granian(
+    service: Any, settings: Any, workers: int, metrics_dir: str | None, sock: Any
+) -> None:
     from granian.constants import HTTPModes, Interfaces
     from granian.http import HTTP1Settings
     from granian.server import Server
 
+    sock.close()  # granian binds the same address itself
     Server(
         "mock_kms.server:KmsApp",  # unused: the loader below gives the app
         address=settings.host,
         port=settings.port,
         interface=Interfaces.WSGI,
         workers=workers,
-        blocking_threads=settings.threads,
+        blocking_threads=CANDIDATE_THREADS,
         backlog=settings.backlog,
         http=HTTPModes.http1,
         http1_settings=HTTP1Settings(header_read_timeout=int(settings.header_timeout * 1000)),
@@ -85,8 +118,12 @@ def _serve_granian(service: Any, settings: Any, workers: int, metrics_dir: str |
     ).serve(target_loader=lambda: _worker_app(service, settings, metrics_dir), wrap_loader=False)
 
 
-def _serve_gunicorn(service: Any, settings: Any, workers: int, metrics_dir: str | None) -> None:
+def _serve_gunicorn(
+    service: Any, settings: Any, workers: int, metrics_dir: str | None, sock: Any
+) -> None:
     from gunicorn.app.base import BaseApplication
+
+    sock.close()  # gunicorn binds the same address itself
 
     class Kms(BaseApplication):  # type: ignore[misc]
         def load_config(self) -> None:
@@ -94,7 +131,7 @@ def _serve_gunicorn(service: Any, settings: Any, workers: int, metrics_dir: str 
                 "bind": [f"{settings.host}:{settings.port}"],
                 "workers": workers,
                 "worker_class": "gthread",
-                "threads": settings.threads,
+                "threads": CANDIDATE_THREADS,
                 "keepalive": int(settings.keepalive_timeout),
                 "backlog": settings.backlog,
                 "graceful_timeout": 10,
@@ -110,16 +147,17 @@ def _serve_gunicorn(service: Any, settings: Any, workers: int, metrics_dir: str 
 
 
 def launch(name: str, argv: Sequence[str]) -> int:
-    """Run ``mock-kms`` with ``argv``, serving with ``name`` instead of waitress."""
+    """Run ``mock-kms`` with ``argv``, serving with ``name`` instead of its own server."""
     import mock_kms.cli as cli
 
-    serve = {"granian": _serve_granian, "gunicorn": _serve_gunicorn}[name]
+    serve = {
+        "waitress": _serve_waitress, "granian": _serve_granian, "gunicorn": _serve_gunicorn
+    }[name]
 
     def serve_workers(service: Any, settings: Any, sock: Any, workers: int) -> int | None:
-        sock.close()  # the candidate binds the same address itself
         metrics_dir = tempfile.mkdtemp(prefix="mock-kms-metrics-") if workers > 1 else None
         try:
-            serve(service, settings, workers, metrics_dir)
+            serve(service, settings, workers, metrics_dir, sock)
         finally:
             if metrics_dir:
                 shutil.rmtree(metrics_dir, ignore_errors=True)
@@ -133,14 +171,14 @@ def launch(name: str, argv: Sequence[str]) -> int:
 
 
 def available(name: str) -> bool:
-    return importlib.util.find_spec(name) is not None
+    return name == "mock-kms" or importlib.util.find_spec(name) is not None
 
 
 def make_kms(work: Path, server: str, workers: int, serve_args: Sequence[str]) -> Any:
     from benchlib import LocalKms
 
     kms = LocalKms(work, app="app", serve_args=[*serve_args, "--workers", str(workers)])
-    if server != "waitress":
+    if server != "mock-kms":
         kms.command = [sys.executable, str(Path(__file__).resolve()), "--as-server", server]
     return kms
 
@@ -199,13 +237,10 @@ def in_process_cost(work: Path, releases: int) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from bench_release import Client, FloorBench, add_ratios, run_load
+    from bench_release import FloorBench, add_ratios, run_load
     from benchlib import environment
 
-    if args.connection == "close":  # inherited by the forked clients
-        Client.extra_headers = {"Connection": "close"}
-
-    servers = [s for s in args.servers if s == "waitress" or available(s)]
+    servers = [s for s in args.servers if available(s)]
     work = Path(tempfile.mkdtemp(prefix="bench-servers-"))
     # Documents are built before the window: they must still be fresh when sent.
     serve_args = ["--nonce-lifetime", "600", "--max-age", "600"]
@@ -249,7 +284,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "versions": {s: _version(s) for s in servers},
         "clients": args.clients,
         "docs": args.docs,
-        "connection": args.connection,
         "seconds": args.seconds,
         "floor_ms": floor_ms,
         "floor_ms_by_segment": floors,
@@ -263,7 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def _version(name: str) -> str:
     from importlib.metadata import version
 
-    return version(name)
+    return version("nitro-keyrelease" if name == "mock-kms" else name)
 
 
 def _brief(load: dict[str, Any]) -> dict[str, Any]:
@@ -279,7 +313,7 @@ def summarize(
     loads: Sequence[dict[str, Any]], servers: Sequence[str], workers: Sequence[int]
 ) -> dict[str, Any]:
     """Per server: the range over rounds of each figure, the N-worker / 1-worker throughput
-    per round, and the figures' medians as ratios against waitress's."""
+    per round, and the figures' medians as ratios against mock-kms's own server's."""
     out: dict[str, Any] = {}
     low, high = min(workers), max(workers)
     for server in servers:
@@ -301,10 +335,10 @@ def summarize(
                 if r["workers"] == high and by_round.get(r["round"], {}).get("releases_per_s")
             ]
         out[server] = entry
-    if "waitress" in out:
-        base = out["waitress"]
+    if "mock-kms" in out:
+        base = out["mock-kms"]
         for entry in out.values():
-            entry["vs_waitress"] = {
+            entry["vs_mock_kms"] = {
                 f"w{w}_{k}": round(
                     statistics.median(entry[f"w{w}"][k]) / statistics.median(base[f"w{w}"][k]), 3
                 )
@@ -318,7 +352,7 @@ def summarize(
 def print_report(report: dict[str, Any]) -> None:
     print(f"bench_servers  {report['date']}  nproc {report['nproc']}  load "
           f"{report['loadavg_1m']}  {report['versions']}  clients {report['clients']}  docs "
-          f"{report['docs']}  {report['connection']}  floor {report['floor_ms']:.3f} ms")
+          f"{report['docs']}  floor {report['floor_ms']:.3f} ms")
     print(f"{'server':<9} {'w':>2} {'rnd':>3} {'rel/s':>7} {'cpu ms':>7} {'util':>5} "
           f"{'floor/cpu':>9} {'err':>4} {'load':>5}")
     for r in report["loads"]:
@@ -345,16 +379,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--workers", type=ints, default=[1, 2], help="worker counts (1,2)")
     parser.add_argument("--rounds", type=int, default=2, help="rounds, interleaved (2)")
     parser.add_argument("--clients", type=int, default=4, help="client processes (4)")
-    parser.add_argument("--docs", type=int, default=1500, help="documents per client (1500)")
+    parser.add_argument("--docs", type=int, default=2500, help="documents per client (2500)")
     parser.add_argument("--seconds", type=float, default=8.0, help="measured window (8)")
     parser.add_argument("--warmup", type=float, default=1.0, help="unmeasured (1)")
-    parser.add_argument(
-        "--connection",
-        choices=("close", "keep-alive"),
-        default="close",
-        help="clients ask for a connection per request, as keyutil does (close; waitress "
-        "closes after every release anyway), or keep theirs",
-    )
     parser.add_argument("--flood-runs", type=int, default=5, help="get-key runs (5; 0: none)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)

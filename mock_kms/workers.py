@@ -5,8 +5,9 @@
 
 The parent binds the socket and builds everything that must be the same in every worker
 (the state, the verifier, the allowlist reader and, with the embedded chain, the chain
-itself), then forks N workers. Each worker starts its own threads (waitress's) and accepts
-on the shared socket; the kernel hands each connection to one waiting worker. The parent
+itself), then forks N workers. Each worker runs its own server loop (:mod:`mock_kms.httpd`;
+threads, if any, are started after the fork) and accepts on the shared socket; the kernel
+hands each connection to one waiting worker. The parent
 serves nothing: it restarts a worker that dies, forwards SIGTERM/SIGINT to all of them and
 waits for them to finish. A worker whose parent dies is sent SIGTERM by the kernel
 (``PR_SET_PDEATHSIG``), so a killed KMS leaves no worker behind holding its port.

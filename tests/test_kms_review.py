@@ -153,7 +153,7 @@ def test_an_audit_line_cut_for_length_keeps_its_time(
 
 
 def test_a_negative_content_length_is_refused_unread(service: ReleaseService) -> None:
-    """waitress refuses it before the application; a WSGI server that passes it on would
+    """mock-kms's server refuses it before the application; a WSGI server that passes it on would
     have had the application read(-1): the whole stream, past the body limit."""
     import io
     import json
