@@ -319,12 +319,17 @@ class KmsApp:
             )
         if "app" not in query or "key" not in query:
             raise InvalidError(ErrorCode.BAD_REQUEST, "expected the query app=APP&key=NAME")
-        return 200, recipient_statement(
-            self.service.state,
-            app=query["app"][0],
-            name=query["key"][0],
-            key_type=query.get("type", ["age"])[0],
-        )
+        try:
+            return 200, recipient_statement(
+                self.service.state,
+                app=query["app"][0],
+                name=query["key"][0],
+                key_type=query.get("type", ["age"])[0],
+            )
+        except InvalidError as e:
+            if e.code is ErrorCode.APPLICATION_INVALID:  # a malformed parameter, not a denial
+                return 400, e.to_json()
+            raise
 
     def _challenge(self, environ: Environ) -> tuple[int, Any]:
         self.metrics.challenges.inc()
