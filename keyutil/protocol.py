@@ -209,20 +209,45 @@ def recipient_public_bytes(key: RecipientPrivateKey) -> bytes:
     )
 
 
+_P25519 = 2**255 - 19
+# The u-coordinates of Curve25519's points of small order, and of its twist's (X25519 takes
+# any u in the field, so a u not on the curve is a point of the twist). The curve's group is
+# cyclic of order 8 * l and the twist's of order 4 * l' (l, l' primes near 2^252): the points
+# whose order divides 8 are the point at infinity, (0, 0) of order 2, a pair of order 4 with
+# u = 1 and two pairs of order 8 (the last two values below); the twist adds one pair of
+# order 4, u = p - 1. Every other u has a prime factor l or l' in its order, so an X25519
+# scalar (a multiple of 8 below 2^255, random: at most a handful of its values are multiples
+# of l or l') gives a non-zero shared secret. These five, and no other u, give the all-zero
+# secret that HPKE (RFC 9180, 7.1.4) refuses, whatever the scalar.
+_X25519_SMALL_ORDER = frozenset(
+    {
+        0,
+        1,
+        _P25519 - 1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+    }
+)
+
+
+def x25519_small_order(data: bytes) -> bool:
+    """True if the 32-byte X25519 public key ``data`` is a point of small order, in any of
+    its encodings: X25519 ignores the top bit (RFC 7748, 5) and reduces u modulo p (so
+    p and p + 1 are 0 and 1). The check costs a dictionary look-up; the key exchange that
+    finds the same (a zero shared secret) costs a scalar multiplication, which HPKE does
+    anyway when it seals, and refuses these keys there too."""
+    return (int.from_bytes(data, "little") & ((1 << 255) - 1)) % _P25519 in _X25519_SMALL_ORDER
+
+
 def load_recipient_public(suite: str, data: bytes) -> RecipientPublicKey:
     """The attested public key, as the suite requires it; ProtocolError if it is not."""
     try:
         if suite == SUITE_X25519:
             if len(data) != 32:
                 raise ValueError(f"expected 32 bytes; found {len(data)}")
-            key = x25519.X25519PublicKey.from_public_bytes(data)
-            try:
-                # A point of small order gives every sender the all-zero shared secret,
-                # which HPKE refuses: sealing to it would fail.
-                x25519.X25519PrivateKey.generate().exchange(key)
-            except ValueError:
-                raise ValueError("a low-order point, which gives no shared secret") from None
-            return key
+            if x25519_small_order(data):
+                raise ValueError("a low-order point, which gives no shared secret")
+            return x25519.X25519PublicKey.from_public_bytes(data)
         if suite == SUITE_P384:
             return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), data)
     except ValueError as e:

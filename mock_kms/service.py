@@ -516,15 +516,19 @@ class ReleaseService:
             secret = self.state.derive_key(
                 application, key, domain="debug" if verified.debug else "production"
             )
-            sealed.append(
-                {
-                    **key.to_json(),
-                    "sealed": protocol.b64e(
-                        protocol.seal(request.suite, recipient, key, document.nonce, secret)
-                    ),
-                }
-            )
-            del secret
+            try:
+                sealed_key = protocol.seal(request.suite, recipient, key, document.nonce, secret)
+            except ValueError:
+                # HPKE's own check of the shared secret (RFC 9180): the key of small order
+                # that load_recipient_public's table refuses first, should one get past it.
+                raise InvalidError(
+                    ErrorCode.PUBLIC_KEY_INVALID,
+                    f"attested public_key is not a {request.suite} key: a low-order point, "
+                    "which gives no shared secret",
+                ) from None
+            finally:
+                del secret
+            sealed.append({**key.to_json(), "sealed": protocol.b64e(sealed_key)})
             # A statement certifies a production key; a debug-domain key gets none (issued,
             # it would name the production public key, which the enclave did not get).
             if self.provenance is not None and has_statement(key) and not verified.debug:
