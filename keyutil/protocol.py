@@ -309,34 +309,33 @@ def format_application(app: bytes) -> str:
     return "0x" + app.hex()
 
 
-_JSON_STRUCTURE = re.compile(r'[\\"\[\]{}]')
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def json_nesting(text: str) -> int:
     """How deep arrays and objects nest in JSON ``text`` (brackets inside strings skipped).
 
     A linear scan that needs no stack: it runs before the parser, which recurses per level.
+    The text is cut at its quotes (``str.split``, a C loop): the parts alternate between
+    outside and inside strings, and a part inside a string ends the string unless an odd run
+    of backslashes ends it (the quote is escaped). Only the parts outside strings are
+    searched for brackets, so the base64 of a document costs a copy, not a step per
+    character.
     """
     depth = deepest = 0
-    in_string = False
-    escaped = -1  # the index of the character after a backslash in a string
-    for match in _JSON_STRUCTURE.finditer(text):
-        i = match.start()
-        if i == escaped:
-            continue
-        char = text[i]
-        if in_string:
-            if char == "\\":
-                escaped = i + 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
+    outside = True  # the text starts outside any string
+    for part in text.split('"'):
+        if outside:
+            if "[" in part or "{" in part or "]" in part or "}" in part:
+                for match in _JSON_BRACKETS.finditer(part):
+                    if match.group() in "[{":
+                        depth += 1
+                        deepest = max(deepest, depth)
+                    else:
+                        depth -= 1
+            outside = False  # the quote after this part opens a string
+        elif (len(part) - len(part.rstrip("\\"))) % 2 == 0:
+            outside = True  # the quote after this part closes the string
     return deepest
 
 
