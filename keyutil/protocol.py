@@ -137,9 +137,14 @@ def check_key_list(keys: Sequence[KeyRequest]) -> tuple[KeyRequest, ...]:
     return tuple(keys)
 
 
+# json.dumps with these options makes a new encoder on every call; one serves them all (an
+# encoder keeps no state between calls).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def canonical_json(value: Any) -> bytes:
     """The one byte form of a JSON value that both sides hash and sign."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 def b64e(data: bytes) -> str:
@@ -175,11 +180,16 @@ def seal_info(key: KeyRequest, nonce: bytes) -> bytes:
     )
 
 
+_HPKE_SUITES = {
+    SUITE_X25519: hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+    SUITE_P384: hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM),
+}
+
+
 def hpke_suite(suite: str) -> hpke.Suite:
-    if suite == SUITE_X25519:
-        return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    if suite == SUITE_P384:
-        return hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
+    found = _HPKE_SUITES.get(suite) if isinstance(suite, str) else None
+    if found is not None:
+        return found
     raise ProtocolError(
         "bad_request", f"suite: expected one of {', '.join(SUITES)}; found {echo(suite)}"
     )

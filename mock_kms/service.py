@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import errno
 import fcntl
-import hashlib
 import hmac
 import json
 import logging
@@ -99,7 +98,7 @@ class NonceBook:
         self.store = store if store is not None else MemoryReplayStore()
 
     def _mac(self, body: bytes) -> bytes:
-        return hmac.new(self._key, body, hashlib.sha256).digest()[:16]
+        return hmac.digest(self._key, body, "sha256")[:16]
 
     def issue(self) -> tuple[bytes, int]:
         now_ms = int(self._clock() * 1000)
@@ -137,13 +136,12 @@ class NonceBook:
         issued = issued_ms / 1000
         now = self._clock()
         expires_ms = issued_ms + int(self._settings.nonce_lifetime * 1000)
-        expired = InvalidError(
-            ErrorCode.NONCE_EXPIRED,
-            f"attestation nonce: expected a challenge at most "
-            f"{self._settings.nonce_lifetime:g} s old; found one {now - issued:.1f} s old",
-        )
         if now * 1000 > expires_ms:
-            raise expired
+            raise InvalidError(
+                ErrorCode.NONCE_EXPIRED,
+                f"attestation nonce: expected a challenge at most "
+                f"{self._settings.nonce_lifetime:g} s old; found one {now - issued:.1f} s old",
+            )
         if issued > now + LIMITS.clock_skew.total_seconds():
             raise InvalidError(ErrorCode.NONCE_INVALID, "attestation nonce: issued in the future")
         return expires_ms
