@@ -222,13 +222,13 @@ def recipient_public_bytes(key: RecipientPrivateKey) -> bytes:
 _P25519 = 2**255 - 19
 # The u-coordinates of Curve25519's points of small order, and of its twist's (X25519 takes
 # any u in the field, so a u not on the curve is a point of the twist). The curve's group is
-# cyclic of order 8 * l and the twist's of order 4 * l' (l, l' primes near 2^252): the points
-# whose order divides 8 are the point at infinity, (0, 0) of order 2, a pair of order 4 with
-# u = 1 and two pairs of order 8 (the last two values below); the twist adds one pair of
-# order 4, u = p - 1. Every other u has a prime factor l or l' in its order, so an X25519
-# scalar (a multiple of 8 below 2^255, random: at most a handful of its values are multiples
-# of l or l') gives a non-zero shared secret. These five, and no other u, give the all-zero
-# secret that HPKE (RFC 9180, 7.1.4) refuses, whatever the scalar.
+# cyclic of order 8 * l and the twist's of order 4 * l' (l, l' primes, both of 253 bits):
+# the points whose order divides 8 are the point at infinity, (0, 0) of order 2, a pair of
+# order 4 with u = 1 and two pairs of order 8 (the last two values below); the twist adds one
+# pair of order 4, u = p - 1. Every other u has l or l' in its order, and an X25519 scalar (a
+# multiple of 8 below 2^255) is never a multiple of 8 * l or 8 * l' (both above 2^255), so it
+# gives a non-zero shared secret. These five, and no other u, give the all-zero secret that
+# HPKE (RFC 9180, 7.1.4) refuses, whatever the scalar.
 _X25519_SMALL_ORDER = frozenset(
     {
         0,
