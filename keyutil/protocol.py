@@ -137,9 +137,14 @@ def check_key_list(keys: Sequence[KeyRequest]) -> tuple[KeyRequest, ...]:
     return tuple(keys)
 
 
+# json.dumps with these options makes a new encoder on every call; one serves them all (an
+# encoder keeps no state between calls).
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
 def canonical_json(value: Any) -> bytes:
     """The one byte form of a JSON value that both sides hash and sign."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+    return _CANONICAL.encode(value).encode()
 
 
 def b64e(data: bytes) -> str:
@@ -175,11 +180,16 @@ def seal_info(key: KeyRequest, nonce: bytes) -> bytes:
     )
 
 
+_HPKE_SUITES = {
+    SUITE_X25519: hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM),
+    SUITE_P384: hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM),
+}
+
+
 def hpke_suite(suite: str) -> hpke.Suite:
-    if suite == SUITE_X25519:
-        return hpke.Suite(hpke.KEM.X25519, hpke.KDF.HKDF_SHA256, hpke.AEAD.AES_256_GCM)
-    if suite == SUITE_P384:
-        return hpke.Suite(hpke.KEM.P384, hpke.KDF.HKDF_SHA384, hpke.AEAD.AES_256_GCM)
+    found = _HPKE_SUITES.get(suite) if isinstance(suite, str) else None
+    if found is not None:
+        return found
     raise ProtocolError(
         "bad_request", f"suite: expected one of {', '.join(SUITES)}; found {echo(suite)}"
     )
@@ -209,20 +219,45 @@ def recipient_public_bytes(key: RecipientPrivateKey) -> bytes:
     )
 
 
+_P25519 = 2**255 - 19
+# The u-coordinates of Curve25519's points of small order, and of its twist's (X25519 takes
+# any u in the field, so a u not on the curve is a point of the twist). The curve's group is
+# cyclic of order 8 * l and the twist's of order 4 * l' (l, l' primes, both of 253 bits):
+# the points whose order divides 8 are the point at infinity, (0, 0) of order 2, a pair of
+# order 4 with u = 1 and two pairs of order 8 (the last two values below); the twist adds one
+# pair of order 4, u = p - 1. Every other u has l or l' in its order, and an X25519 scalar (a
+# multiple of 8 below 2^255) is never a multiple of 8 * l or 8 * l' (both above 2^255), so it
+# gives a non-zero shared secret. These five, and no other u, give the all-zero secret that
+# HPKE (RFC 9180, 7.1.4) refuses, whatever the scalar.
+_X25519_SMALL_ORDER = frozenset(
+    {
+        0,
+        1,
+        _P25519 - 1,
+        325606250916557431795983626356110631294008115727848805560023387167927233504,
+        39382357235489614581723060781553021112529911719440698176882885853963445705823,
+    }
+)
+
+
+def x25519_small_order(data: bytes) -> bool:
+    """True if the 32-byte X25519 public key ``data`` is a point of small order, in any of
+    its encodings: X25519 ignores the top bit (RFC 7748, 5) and reduces u modulo p (so
+    p and p + 1 are 0 and 1). The check costs a dictionary look-up; the key exchange that
+    finds the same (a zero shared secret) costs a scalar multiplication, which HPKE does
+    anyway when it seals, and refuses these keys there too."""
+    return (int.from_bytes(data, "little") & ((1 << 255) - 1)) % _P25519 in _X25519_SMALL_ORDER
+
+
 def load_recipient_public(suite: str, data: bytes) -> RecipientPublicKey:
     """The attested public key, as the suite requires it; ProtocolError if it is not."""
     try:
         if suite == SUITE_X25519:
             if len(data) != 32:
                 raise ValueError(f"expected 32 bytes; found {len(data)}")
-            key = x25519.X25519PublicKey.from_public_bytes(data)
-            try:
-                # A point of small order gives every sender the all-zero shared secret,
-                # which HPKE refuses: sealing to it would fail.
-                x25519.X25519PrivateKey.generate().exchange(key)
-            except ValueError:
-                raise ValueError("a low-order point, which gives no shared secret") from None
-            return key
+            if x25519_small_order(data):
+                raise ValueError("a low-order point, which gives no shared secret")
+            return x25519.X25519PublicKey.from_public_bytes(data)
         if suite == SUITE_P384:
             return ec.EllipticCurvePublicKey.from_encoded_point(ec.SECP384R1(), data)
     except ValueError as e:
@@ -275,43 +310,46 @@ def parse_application(text: str) -> bytes:
     return value
 
 
+_PRINTABLE_ASCII = re.compile(rb"[\x20-\x7e]+")
+
+
 def format_application(app: bytes) -> str:
     """The name when ``app`` decodes as a :func:`parse_application` name, else 0x-hex."""
     name = app.rstrip(b"\0")
-    printable = name and all(0x20 <= b <= 0x7E for b in name)
-    if printable and not name.startswith((b"0x", b"0X")):
+    # One regex match rather than a Python step per byte: every release's audit entry and
+    # log line name the application.
+    if _PRINTABLE_ASCII.fullmatch(name) and not name.startswith((b"0x", b"0X")):
         return name.decode("ascii")
     return "0x" + app.hex()
 
 
-_JSON_STRUCTURE = re.compile(r'[\\"\[\]{}]')
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
 
 
 def json_nesting(text: str) -> int:
     """How deep arrays and objects nest in JSON ``text`` (brackets inside strings skipped).
 
     A linear scan that needs no stack: it runs before the parser, which recurses per level.
+    The text is cut at its quotes (``str.split``, a C loop): the parts alternate between
+    outside and inside strings, and a part inside a string ends the string unless an odd run
+    of backslashes ends it (the quote is escaped). Only the parts outside strings are
+    searched for brackets, so the base64 of a document costs a copy, not a step per
+    character.
     """
     depth = deepest = 0
-    in_string = False
-    escaped = -1  # the index of the character after a backslash in a string
-    for match in _JSON_STRUCTURE.finditer(text):
-        i = match.start()
-        if i == escaped:
-            continue
-        char = text[i]
-        if in_string:
-            if char == "\\":
-                escaped = i + 1
-            elif char == '"':
-                in_string = False
-        elif char == '"':
-            in_string = True
-        elif char in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif char in "]}":
-            depth -= 1
+    outside = True  # the text starts outside any string
+    for part in text.split('"'):
+        if outside:
+            if "[" in part or "{" in part or "]" in part or "}" in part:
+                for match in _JSON_BRACKETS.finditer(part):
+                    if match.group() in "[{":
+                        depth += 1
+                        deepest = max(deepest, depth)
+                    else:
+                        depth -= 1
+            outside = False  # the quote after this part opens a string
+        elif (len(part) - len(part.rstrip("\\"))) % 2 == 0:
+            outside = True  # the quote after this part closes the string
     return deepest
 
 

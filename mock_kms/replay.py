@@ -49,6 +49,10 @@ logger = logging.getLogger(__name__)
 SQLITE_FILE = "replay.sqlite3"
 # A writer waits this long for another worker's transaction before the store is "unavailable".
 SQLITE_BUSY_MS = 2000
+# Each process drops the expired entries when the high-water time has moved this far since it
+# last did: once a second rather than on every claim (the entries it drops are still refused
+# as expired until then, by the high-water time; they only take room).
+SQLITE_PRUNE_EVERY_MS = 1000
 REDIS_TIMEOUT_S = 1.0
 REDIS_PREFIX = "mock-kms:nonce:"
 REDIS_HIGH_WATER = "mock-kms:high-water-ms"
@@ -128,8 +132,11 @@ class SqliteReplayStore(ReplayStore):
 
     One connection per process, used by one thread at a time (a lock: threads of one
     process gain nothing from queueing on the file lock instead), opened lazily so that a
-    forked worker opens its own. Each claim is one ``BEGIN IMMEDIATE`` transaction: it raises
-    the high-water time, drops the entries it has passed, and inserts the nonce if absent.
+    forked worker opens its own. Each claim is one ``BEGIN IMMEDIATE`` transaction of two
+    statements: it raises the high-water time (and reads it back), and inserts the nonce if
+    absent. Once a second of high-water time (``SQLITE_PRUNE_EVERY_MS``), the same
+    transaction also drops the entries the high-water time has passed: an entry is dropped
+    only once every claim of it is refused as expired, so pruning late changes no verdict.
 
     Another process's transaction makes ``BEGIN IMMEDIATE`` fail at once (busy timeout 0);
     the claim retries after a pause growing from 0.1 ms to 2 ms, for up to ``busy_ms``.
@@ -144,6 +151,7 @@ class SqliteReplayStore(ReplayStore):
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
         self._pid = 0
+        self._prune_at = 0  # the high-water time (ms) at which this process prunes next
         try:
             with self._lock:
                 self._connection()
@@ -200,16 +208,16 @@ class SqliteReplayStore(ReplayStore):
                 conn = self._connection()
                 self._begin(conn)
                 try:
-                    conn.execute(
-                        "UPDATE high_water SET ms = max(ms, ?) WHERE id = 0", (now_ms,)
-                    )
                     (high_water,) = conn.execute(
-                        "SELECT ms FROM high_water WHERE id = 0"
+                        "UPDATE high_water SET ms = max(ms, ?) WHERE id = 0 RETURNING ms",
+                        (now_ms,),
                     ).fetchone()
                     if expires_ms < high_water:
                         verdict = Verdict.EXPIRED
                     else:
-                        conn.execute("DELETE FROM nonces WHERE expires_ms < ?", (high_water,))
+                        if high_water >= self._prune_at:
+                            conn.execute("DELETE FROM nonces WHERE expires_ms < ?", (high_water,))
+                            self._prune_at = high_water + SQLITE_PRUNE_EVERY_MS
                         inserted = conn.execute(
                             "INSERT OR IGNORE INTO nonces VALUES (?, ?)", (nonce, expires_ms)
                         ).rowcount

@@ -142,6 +142,7 @@ def _nitro_ee_policy() -> verification.ExtensionPolicy:
 
 
 _EE_POLICY = _nitro_ee_policy()
+_ES384 = ec.ECDSA(hashes.SHA384())  # immutable: one for every document
 _CA_POLICY = verification.ExtensionPolicy.webpki_defaults_ca()
 
 
@@ -298,7 +299,7 @@ class AttestationVerifier:
         r = int.from_bytes(doc.signature[:48], "big")
         s = int.from_bytes(doc.signature[48:], "big")
         try:
-            key.verify(encode_dss_signature(r, s), doc.sig_structure(), ec.ECDSA(hashes.SHA384()))
+            key.verify(encode_dss_signature(r, s), doc.sig_structure(), _ES384)
         except InvalidSignature:
             raise _fail(
                 ErrorCode.SIGNATURE_INVALID,

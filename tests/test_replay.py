@@ -6,6 +6,7 @@ SQLite is exercised with several processes on one file; Redis is a real `redis-s
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import sqlite3
@@ -18,6 +19,7 @@ from redis_support import RedisServer, redis_server  # noqa: F401 - a fixture
 
 from mock_kms.errors import ErrorCode, InvalidError, UnavailableError
 from mock_kms.replay import (
+    SQLITE_PRUNE_EVERY_MS,
     MemoryReplayStore,
     RedisReplayStore,
     ReplayStore,
@@ -114,6 +116,31 @@ def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
     first.close()
     again = SqliteReplayStore(tmp_path / "replay.sqlite3")
     assert again.claim(used, expires_ms=T0_MS + 30_000, now_ms=T0_MS + 1) is Verdict.REPLAYED
+
+
+def test_sqlite_store_prunes_expired_entries_once_a_second(tmp_path: Path) -> None:
+    """Expired entries are dropped once a second of high-water time, not on every claim; kept
+    or dropped, an expired nonce is refused as expired, even by a clock stepped back."""
+    path = tmp_path / "replay.sqlite3"
+    store = SqliteReplayStore(path)
+
+    def rows() -> int:
+        with contextlib.closing(sqlite3.connect(path)) as db:
+            return int(db.execute("SELECT count(*) FROM nonces").fetchone()[0])
+
+    short = [nonce(i) for i in range(5)]
+    for n in short:  # the first claim prunes (nothing yet), the next prune is due at T0 + 1 s
+        assert store.claim(n, expires_ms=T0_MS + 500, now_ms=T0_MS) is Verdict.ACCEPTED
+    late = T0_MS + 999
+    assert store.claim(nonce(10), expires_ms=late + 30_000, now_ms=late) is Verdict.ACCEPTED
+    assert rows() == 6  # expired, not dropped yet
+    assert store.claim(short[0], expires_ms=T0_MS + 500, now_ms=late) is Verdict.EXPIRED
+    due = T0_MS + SQLITE_PRUNE_EVERY_MS
+    assert store.claim(nonce(11), expires_ms=due + 30_000, now_ms=due) is Verdict.ACCEPTED
+    assert rows() == 2  # dropped
+    for n in short:
+        assert store.claim(n, expires_ms=T0_MS + 500, now_ms=T0_MS + 1) is Verdict.EXPIRED
+    assert rows() == 2
 
 
 def test_sqlite_store_locked_too_long_is_unavailable_then_resumes(tmp_path: Path) -> None:
