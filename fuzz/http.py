@@ -484,13 +484,18 @@ class _Errors(logging.Handler):
 
 
 class LiveServer:
-    """A real HttpServer in a thread of this process, on a unix socket in a new directory."""
+    """A real HttpServer in a thread of this process: on a unix socket in a new directory,
+    or (``tcp``) on 127.0.0.1, where a close with bytes unread turns into a reset."""
 
-    def __init__(self) -> None:
+    def __init__(self, tcp: bool = False) -> None:
         self.directory = Path(tempfile.mkdtemp(prefix="fuzz-http-"))
-        self.path = str(self.directory / "kms.sock")
-        self.settings = ServerSettings(unix_socket=self.path, threads=1, max_body=MAX_BODY)
+        if tcp:
+            self.settings = ServerSettings(port=0, threads=1, max_body=MAX_BODY)
+        else:
+            self.settings = ServerSettings(unix_socket=str(self.directory / "kms.sock"),
+                                           threads=1, max_body=MAX_BODY)
         self.sock = listen(self.settings)
+        self.address: str | tuple[str, int] = self.sock.getsockname()
         self.server = HttpServer(echo_app, self.settings, self.sock,
                                  close_after=(CLOSE_PATH.decode(),))
         self.failure = ""
@@ -519,12 +524,14 @@ class Hang(Exception):
     """The server neither answered nor closed in time."""
 
 
-def exchange(path: str, pieces: list[bytes], pause: float, eof_after: float) -> bytes:
+def exchange(address: str | tuple[str, int], pieces: list[bytes], pause: float,
+             eof_after: float) -> bytes:
     """Send ``pieces`` over one connection (``pause`` seconds apart), shut it for writing
     after ``eof_after`` more, and return every byte read until the server closes."""
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    family = socket.AF_UNIX if isinstance(address, str) else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        sock.connect(path)
+        sock.connect(address)
         sock.setblocking(False)
         received = bytearray()
         deadline = time.monotonic() + EXCHANGE_TIMEOUT
@@ -712,6 +719,7 @@ class Plan:
     pieces: list[bytes]
     pause: float
     eof_after: float
+    tcp: bool
     ops: list[str]
 
 
@@ -732,7 +740,10 @@ def build(c: Chooser, methods: tuple[bytes, ...] = METHODS) -> Plan:
     eof_after = 0.003 if chance(c, 10) else 0.0
     if eof_after:
         ops.append("eof_later")
-    return Plan(stream, pieces, pause, eof_after, ops)
+    tcp = chance(c, 25)
+    if tcp:
+        ops.append("tcp")
+    return Plan(stream, pieces, pause, eof_after, tcp, ops)
 
 
 LIVENESS_REQUEST = b"GET /alive?x=1 HTTP/1.1\r\nHost: kms.test\r\n\r\n"
@@ -743,30 +754,31 @@ class HttpTarget(_Inflight):
 
     def __init__(self, *_: Any, methods: tuple[bytes, ...] = METHODS) -> None:
         self.methods = methods
-        self.server: LiveServer | None = None
+        self.servers: dict[bool, LiveServer] = {}  # by tcp
         self.errors = _Errors()
         self.execs = 0
 
-    def _live(self) -> LiveServer:
-        if self.server is None or not self.server.alive():
-            if self.server is not None:
-                self.server.stop()
+    def _live(self, tcp: bool) -> LiveServer:
+        server = self.servers.get(tcp)
+        if server is None or not server.alive():
+            if server is not None:
+                server.stop()  # it died: its crash was reported; serve the rest of the run
             logger = logging.getLogger("mock_kms.httpd")
             if self.errors not in logger.handlers:
                 logger.addHandler(self.errors)
-            self.server = LiveServer()
-        return self.server
+            server = self.servers[tcp] = LiveServer(tcp)
+        return server
 
     def close(self) -> None:
         logging.getLogger("mock_kms.httpd").removeHandler(self.errors)
-        if self.server is not None:
-            self.server.stop()
-            self.server = None
+        for server in self.servers.values():
+            server.stop()
+        self.servers.clear()
 
     def one(self, c: Chooser) -> Execution:
         try:
             plan = build(c, self.methods)
-            server = self._live()
+            server = self._live(plan.tcp)
         except Exception as e:
             return Execution(self.name, "harness_error", type(e).__name__, [], b"",
                              detail=_trace(e))
@@ -783,7 +795,7 @@ class HttpTarget(_Inflight):
         self.execs += 1
         self.errors.records.clear()
         try:
-            got = exchange(server.path, plan.pieces, plan.pause, plan.eof_after)
+            got = exchange(server.address, plan.pieces, plan.pause, plan.eof_after)
         except Hang as e:
             return result("crash", "hang", str(e))
         except OSError as e:
@@ -813,7 +825,7 @@ class HttpTarget(_Inflight):
     def _liveness(self, server: LiveServer) -> str:
         """A fresh valid request on a new connection is answered ("" when it is)."""
         try:
-            got = exchange(server.path, [LIVENESS_REQUEST], 0.0, 0.0)
+            got = exchange(server.address, [LIVENESS_REQUEST], 0.0, 0.0)
             answers = read_answers(got, reference(LIVENESS_REQUEST))
         except (Hang, OSError, Unreadable) as e:
             return f"a fresh request after {self.execs} executions: {e}"
