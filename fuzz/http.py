@@ -94,6 +94,8 @@ _PCHAR = frozenset(
 )
 _PATH_BYTES = _PCHAR | frozenset(b"/")
 _QUERY_BYTES = _PATH_BYTES | frozenset(b"?")
+# RFC 3986 host [":" port]: reg-name, IP-literal ("[...]") or an IPv4 address.
+_HOST_BYTES = _PCHAR - frozenset(b"@") | frozenset(b"[]")
 _PCT = re.compile(rb"%([0-9A-Fa-f]{2})")
 _BAD_PCT = re.compile(rb"%(?![0-9A-Fa-f]{2})")
 _DIGITS = re.compile(rb"[0-9]+")
@@ -214,6 +216,8 @@ def _read_semantics(fields: list[tuple[bytes, bytes]], h: _Head, whole: bool,
         h.must(400)  # RFC 9112 3.2: more than one Host
     elif not hosts and whole and h.version >= (1, 1):
         h.may(400)  # RFC 9112 3.2 requires a 400; answering it anyway smuggles nothing
+    elif hosts and any(b not in _HOST_BYTES for b in hosts[0]):
+        h.may(400)  # RFC 9112 3.2: an invalid Host value, likewise
     if values(b"transfer-encoding"):
         # RFC 9112 6.1-6.3: chunked (or a coding not understood); the server sizes bodies
         # by Content-Length only and refuses a request that would need another reading.
@@ -403,6 +407,7 @@ def judge(steps: list[Step], answers: list[Answer]) -> tuple[str, str, str]:
     """(kind, code, detail) for the answers to a stream the reference read as ``steps``."""
     done = 0  # final answers matched to steps
     refused: int | None = None
+    closing = False  # an answer said "Connection: close"
     for answer in answers:
         step = steps[done] if done < len(steps) else None
         if answer.body is None and answer.status < 200:
@@ -413,6 +418,9 @@ def judge(steps: list[Step], answers: list[Answer]) -> tuple[str, str, str]:
             return "crash", "head_body", f"{answer.status} to HEAD carries content"
         if refused is not None:
             return "accepted_mutant", "after_refusal", f"an answer {answer.status} after {refused}"
+        if closing:
+            return "accepted_mutant", "after_close", "an answer after one that closes"
+        closing = answer.field(b"connection") == b"close"
         if step is None:
             closes = bool(steps) and steps[-1].request is not None and steps[-1].request.closes
             why = "after a request that closes" if closes else "for no request the reference sees"

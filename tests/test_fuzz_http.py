@@ -7,8 +7,10 @@ judge are checked on their own, so that the smoke run's silence means something.
 from __future__ import annotations
 
 import collections
+import re
 from pathlib import Path
 
+import pytest
 from test_fuzz_smoke import assert_clean
 
 from fuzz.http import (
@@ -26,6 +28,7 @@ from fuzz.http import (
 from fuzz.mutate import RandomChooser
 from fuzz.record import Recorder
 from fuzz.targets import make_target
+from mock_kms import httpd
 from mock_kms.httpd import MAX_HEAD, MAX_HEADERS
 
 SEED = 20261201
@@ -63,6 +66,27 @@ def test_http_smoke_run_is_clean_and_reaches_every_outcome(tmp_path: Path) -> No
     assert {op: recorder.ops[op] for op in OPS if recorder.ops[op] == 0} == {}
 
 
+def test_the_smoke_run_would_see_a_server_that_ignores_transfer_encoding(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run above is silent because the server is right: the same run against a server
+    that drops Transfer-Encoding (and so frames a chunked body by Content-Length) is not."""
+    parse_head = httpd.parse_head
+
+    def lenient(head: bytes) -> httpd.Request:
+        return parse_head(re.sub(rb"(?i)\r\ntransfer-encoding:[^\r]*", b"", head))
+
+    monkeypatch.setattr(httpd, "parse_head", lenient)
+    target = HttpTarget(methods=SMOKE_METHODS)
+    recorder = Recorder(None)
+    chooser = RandomChooser(SEED)
+    try:
+        for _ in range(RUNS // 3):
+            recorder.add(target.one(chooser))
+    finally:
+        target.close()
+    assert recorder.codes["accepted_mutant:answered_refuse"] > 0, recorder.codes
+
+
 def _get(target: bytes = b"/a", extra: bytes = b"", body: bytes = b"") -> bytes:
     return b"GET %s HTTP/1.1\r\nHost: k\r\n%s\r\n%s" % (target, extra, body)
 
@@ -87,6 +111,7 @@ def test_the_reference_frames_pipelined_requests_and_refuses_smuggling_shapes() 
     assert lenient.kind == "either" and lenient.statuses == {400}
     assert lenient.request is not None and lenient.request.path == b"/%zz{x}"
     assert reference(_get(extra=b"Content-Length: 2, 2\r\n", body=b"ab"))[0].kind == "either"
+    assert reference(b"GET / HTTP/1.1\r\nHost: a b\r\n\r\n")[0].kind == "either"
 
 
 def test_the_reference_knows_the_limits_and_the_connection_rules() -> None:
@@ -140,6 +165,8 @@ def test_the_judge_finds_smuggling_refusals_of_valid_requests_and_wrong_statuses
     assert verdict(_answer(200, a) + _answer(200, smuggled))[0] == "accepted_mutant"
     assert verdict(_answer(200, a) + _answer(200, b) + _answer(200, b)) == (
         "accepted_mutant", "answered_open")
+    assert verdict(_answer(200, a, close=True) + _answer(200, b)) == (
+        "accepted_mutant", "after_close")
     assert verdict(_answer(200, a) + _answer(400))[0] == "refused_valid"
     assert verdict(_answer(200, a))[0] == "refused_valid"  # closed without answering /b
     refused = reference(_get(extra=b"Transfer-Encoding: chunked\r\n") + _get())
