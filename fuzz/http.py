@@ -62,6 +62,7 @@ import socket
 import tempfile
 import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -496,11 +497,14 @@ class LiveServer:
     or (``tcp``) on 127.0.0.1, where a close with bytes unread turns into a reset."""
 
     def __init__(self, tcp: bool = False) -> None:
-        self.directory = Path(tempfile.mkdtemp(prefix="fuzz-http-"))
         if tcp:
             self.settings = ServerSettings(port=0, threads=1, max_body=MAX_BODY)
+            self._remove: Callable[[], Any] = lambda: None
         else:
-            self.settings = ServerSettings(unix_socket=str(self.directory / "kms.sock"),
+            directory = tempfile.mkdtemp(prefix="fuzz-http-")
+            # Removed by stop(), or at exit (python -m fuzz.run never stops the target).
+            self._remove = weakref.finalize(self, shutil.rmtree, directory, True)
+            self.settings = ServerSettings(unix_socket=str(Path(directory) / "kms.sock"),
                                            threads=1, max_body=MAX_BODY)
         self.sock = listen(self.settings)
         self.address: str | tuple[str, int] = self.sock.getsockname()
@@ -525,7 +529,7 @@ class LiveServer:
     def stop(self) -> None:
         self.server.stop()
         self.thread.join(10)
-        shutil.rmtree(self.directory, ignore_errors=True)
+        self._remove()
 
 
 class Hang(Exception):
