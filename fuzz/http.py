@@ -7,17 +7,19 @@
     True
     >>> target.close()
 
-Anyone who reaches the KMS's port writes every byte the server reads. The target runs one
-real :class:`mock_kms.httpd.HttpServer` (``threads=1``) in a thread of the fuzz process for
-the whole run, on a unix socket, with a small WSGI application that echoes what it was given
-(method, path, query, body length and SHA-256) in response header fields. Each execution
-builds 1-4 HTTP/1.1 requests from a small grammar (methods, paths with %-escapes and queries,
-Host, Content-Length, Connection, Expect, Transfer-Encoding, duplicated and padded fields,
-bodies at and past the size limit), mutates the bytes (flips; CR, LF, NUL, SP, colon inserted;
-cuts; a line duplicated; a Content-Length made giant; a CRLF made a bare LF or CR; an obs-fold;
-space before a colon; a stretch repeated), sends the stream over one connection in 1-4 sends
-split at random points (with pauses, so the server sees the pieces apart), shuts the
-connection for writing and reads every answer until the server closes.
+Anyone who reaches the KMS's port writes every byte the server reads. The target runs two
+real :class:`mock_kms.httpd.HttpServer` (``threads=1``) in threads of the fuzz process for
+the whole run, one on a unix socket and one on 127.0.0.1, with a small WSGI application that
+echoes what it was given (method, path, query, body length and SHA-256) in response header
+fields. Each execution builds 1-4 HTTP/1.1 requests from a small grammar (methods, paths with
+%-escapes and queries, Host, Content-Length, Connection, Expect, Transfer-Encoding, duplicated
+and padded fields, bodies at and past the size limit), mutates the bytes (flips; CR, LF, NUL,
+SP, colon inserted; cuts; a line duplicated; a Content-Length made giant; a CRLF made a bare
+LF or CR; an obs-fold; space before a colon; a stretch repeated), sends the stream over one
+connection (to the unix socket, or to 127.0.0.1 for a quarter of them) in 1-4 sends split at
+random points (or, for a short one, a few bytes at a time), with pauses so that the server
+reads the pieces apart, shuts the connection for writing and reads every answer until the
+server closes.
 
 The oracle is :func:`reference`, a framer written from RFC 9112 (and RFC 9110's rules for
 Content-Length, Host and Expect), not from the server's code. For each request in the stream it
@@ -80,6 +82,11 @@ CLOSE_PATH = b"/close"
 # a head whose end arrives in a later piece than its limit can be judged on the first piece.
 HEAD_SLACK = 8
 LIVENESS_EVERY = 50
+# Pauses between the pieces of a stream, so that the server reads them apart (seconds); a
+# stream this short may be sent a few bytes at a time.
+SPLIT_PAUSE = 0.0005
+TRICKLE_PAUSE = 0.0001
+TRICKLE_MAX = 400
 # How long an exchange may take before the server is said to hang (seconds).
 EXCHANGE_TIMEOUT = 10.0
 
@@ -743,12 +750,17 @@ def build(c: Chooser, methods: tuple[bytes, ...] = METHODS) -> Plan:
     for _ in range(c.below(4)):
         data = _mutate(c, data, ops)
     stream = bytes(data)
-    cuts = sorted({c.below(len(stream) + 1) for _ in range(c.below(4))})
+    if len(stream) <= TRICKLE_MAX and chance(c, 3):
+        ops.append("trickle")  # a few bytes at a time: every boundary read apart
+        cuts = list(range(0, len(stream), 1 + c.below(4)))[1:]
+        pause = TRICKLE_PAUSE
+    else:
+        cuts = sorted({c.below(len(stream) + 1) for _ in range(c.below(4))})
+        pause = SPLIT_PAUSE if chance(c, 60) else 0.0
     pieces = [stream[a:b] for a, b in zip([0, *cuts], [*cuts, len(stream)], strict=True)]
     pieces = [p for p in pieces if p] or [b""]
     if len(pieces) > 1:
         ops.append("split")
-    pause = 0.0005 if len(pieces) > 1 and chance(c, 60) else 0.0
     eof_after = 0.003 if chance(c, 10) else 0.0
     if eof_after:
         ops.append("eof_later")

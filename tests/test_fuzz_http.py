@@ -35,7 +35,8 @@ SEED = 20261201
 RUNS = 3000
 OPS = ("flip", "cut", "dup_line", "bare_lf", "bare_cr", "obs_fold", "space_colon",
        "giant_length", "repeat", "leading", "case", "split", "eof_later", "transfer_encoding",
-       "wrong_length", "pad_fields", "big_field", "dup_field", "tcp", *INSERTS)
+       "wrong_length", "pad_fields", "big_field", "dup_field", "tcp", "trickle",
+       *INSERTS)
 # Answers to HEAD carry content (tests/test_httpd_fuzz_findings.py): the smoke run leaves HEAD
 # out until that is fixed; `python -m fuzz.run http` sends it.
 SMOKE_METHODS = tuple(m for m in METHODS if m != b"HEAD")
