@@ -37,7 +37,7 @@ PRODUCT_MODULES = ("mock_kms.attestation", "mock_kms.verifier", "mock_kms.servic
                    "mock_kms.server", "mock_kms.allowlist", "keyutil.protocol",
                    "keyutil.simulator", "keyutil.sealing.age", "keyutil.sealing.dotenv",
                    "keyutil.logwire", "keyutil.host.logsink", "keyutil.sealing.recipient",
-                   "keyutil.provenance", "keyutil.enclave.supervisor")
+                   "keyutil.provenance", "keyutil.enclave.supervisor", "mock_kms.httpd")
 
 
 def environment() -> dict[str, Any]:
@@ -175,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("target", choices=("parser", "verifier", "release", "answer",
                                            "provenance", "sealed", "dotenv", "recipient",
-                                           "logwire", "host_settings"))
+                                           "logwire", "host_settings", "http"))
     parser.add_argument("--engine", choices=("plain", "atheris"), default="plain")
     parser.add_argument("--runs", type=int, default=None, help="stop after N executions")
     parser.add_argument("--seconds", type=float, default=None, help="stop after S seconds")

@@ -784,6 +784,10 @@ def make_target(name: str, corpus: Corpus | None = None) -> Target:
         from fuzz.host_settings import HostSettingsTarget
 
         return HostSettingsTarget()
+    if name == "http":  # the KMS's HTTP server, run in a thread of this process
+        from fuzz.http import HttpTarget
+
+        return HttpTarget()
     if name in SEALED_TARGET_NAMES:
         # fuzz/sealed.py imports this module; its targets need no corpus of documents.
         from fuzz.sealed import SEALED_TARGETS
