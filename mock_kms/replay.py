@@ -64,10 +64,19 @@ class Verdict(enum.StrEnum):
     EXPIRED = "expired"
 
 
+_last_warning = [0.0]  # time.monotonic() of this process's last "cannot answer" warning
+
+
 def _unavailable(what: str, error: object) -> UnavailableError:
+    """The error a client sees (it names neither the store nor its address, which are the
+    operator's to know), after a warning in the log that names both, at most once a second."""
+    now = time.monotonic()
+    if now - _last_warning[0] >= 1.0:
+        _last_warning[0] = now
+        logger.warning("the replay store (%s) cannot answer: %s", what, error)
     return UnavailableError(
         ErrorCode.REPLAY_STORE_UNAVAILABLE,
-        f"the replay store ({what}) cannot answer ({error}); releases are refused until it does",
+        "the replay store cannot answer; releases are refused until it does",
     )
 
 

@@ -7,6 +7,7 @@ SQLite is exercised with several processes on one file; Redis is a real `redis-s
 from __future__ import annotations
 
 import contextlib
+import logging
 import multiprocessing
 import os
 import sqlite3
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from redis_support import RedisServer, redis_server  # noqa: F401 - a fixture
 
+from mock_kms import replay
 from mock_kms.errors import ErrorCode, InvalidError, UnavailableError
 from mock_kms.replay import (
     SQLITE_PRUNE_EVERY_MS,
@@ -165,14 +167,23 @@ def test_sqlite_store_in_a_missing_directory_is_unavailable(tmp_path: Path) -> N
 
 def test_redis_down_is_unavailable_and_resumes_with_what_it_kept(
     redis_server: RedisServer,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     store = RedisReplayStore(redis_server.url, timeout=0.5)
     used = nonce(1)
     assert store.claim(used, expires_ms=T0_MS + 10**9, now_ms=T0_MS) is Verdict.ACCEPTED
     redis_server.stop()  # appendonly: what it acknowledged is on its disk
-    with pytest.raises(UnavailableError) as err:
+    replay._last_warning[0] = 0.0
+    with (
+        caplog.at_level(logging.WARNING, logger="mock_kms.replay"),
+        pytest.raises(UnavailableError) as err,
+    ):
         store.claim(nonce(2), expires_ms=T0_MS + 10**9, now_ms=T0_MS)
     assert err.value.code == ErrorCode.REPLAY_STORE_UNAVAILABLE
+    # Where the store is, is the operator's to know (the log), not every client's (the 503).
+    port = redis_server.url.rsplit(":", 1)[1].split("/")[0]
+    assert port not in err.value.message and "127.0.0.1" not in err.value.message
+    assert f"127.0.0.1:{port}" in caplog.text
     with pytest.raises(UnavailableError):
         store.check_ready()
     redis_server.start()
