@@ -292,6 +292,8 @@ class HttpServer:
         self.clock = clock
         self.poller = _Poller()
         self.conns: dict[int, _Connection] = {}
+        # Connections closed while their request runs in a thread (counted until it ends).
+        self._orphans = 0
         self.per_peer: collections.Counter[str] = collections.Counter()
         self.accepting = False
         self._accept_again_at: float | None = None
@@ -398,7 +400,7 @@ class HttpServer:
     def _on_accept(self) -> None:
         settings = self.settings
         for _ in range(ACCEPT_BATCH):
-            if len(self.conns) >= settings.connection_limit:
+            if len(self.conns) + self._orphans >= settings.connection_limit:
                 self._accept(False)  # the rest wait in the queue for a worker with room
                 return
             try:
@@ -560,7 +562,10 @@ class HttpServer:
         while self._done:
             conn, status, response = self._done.popleft()
             conn.busy = False
-            if not conn.closed:
+            if conn.closed:
+                self._orphans -= 1
+                self._release(conn)
+            else:
                 self._respond(conn, status, response)
                 self._advance(conn)
 
@@ -681,6 +686,14 @@ class HttpServer:
         self.conns.pop(conn.fd, None)
         self.poller.forget(conn.fd)
         conn.sock.close()
+        if conn.busy:
+            # Its request still runs in a thread: it keeps its places (per peer, per worker)
+            # until that ends, else connect-send-reset would queue requests past both caps.
+            self._orphans += 1
+            return
+        self._release(conn)
+
+    def _release(self, conn: _Connection) -> None:
         if conn.peer is not None:
             self.per_peer[conn.peer] -= 1
             if self.per_peer[conn.peer] <= 0:
@@ -693,7 +706,7 @@ class HttpServer:
         settings = self.settings
         if self._accept_again_at is not None and now >= self._accept_again_at:
             self._accept_again_at = None
-            if not self.stopping and len(self.conns) < settings.connection_limit:
+            if not self.stopping and len(self.conns) + self._orphans < settings.connection_limit:
                 self._accept(True)
         for conn in list(self.conns.values()):
             reason = None

@@ -1,0 +1,122 @@
+"""mock_kms/httpd.py attacked from the network (loopback, real sockets): each test is a way
+a hostile or broken peer could hurt the server before the fix it came with.
+
+The server's ordinary behaviour is in test_httpd.py; these are its review's findings."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from test_httpd import hang_up, read_response
+
+from mock_kms.httpd import HttpServer
+from mock_kms.server import ServerSettings, listen
+
+Environ = dict[str, Any]
+
+
+class App:
+    """Counts what it runs; /slow sleeps 0.3 s, /nap 10 ms, /boom raises, /latin answers a
+    header value that latin-1 cannot carry (a broken application, not a hostile peer)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.lock = threading.Lock()
+
+    def __call__(self, environ: Environ, start_response: Callable[..., Any]) -> list[bytes]:
+        path = environ["PATH_INFO"]
+        with self.lock:
+            self.calls.append(path)
+        if path.startswith("/boom"):
+            raise RuntimeError("the application failed")
+        if path == "/slow":
+            time.sleep(0.3)
+        elif path == "/nap":
+            time.sleep(0.01)
+        headers = [("Content-Type", "application/json")]
+        if path == "/latin":
+            headers.append(("X-Name", "\u2603"))
+        start_response("200 OK", headers)
+        return [json.dumps({"path": path}).encode()]
+
+
+class Running:
+    def __init__(self, sock: socket.socket | None = None, **settings: Any) -> None:
+        self.settings = ServerSettings(port=0, **settings)
+        self.sock = sock if sock is not None else listen(self.settings)
+        self.port = self.sock.getsockname()[1]
+        self.app = App()
+        self.server = HttpServer(self.app, self.settings, self.sock)
+        self.failure: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.run()
+        except BaseException as e:  # what would have killed a worker
+            self.failure = e
+        finally:
+            self.server.close()
+            self.sock.close()
+
+    def connect(self) -> socket.socket:
+        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
+
+    def get(self, path: str) -> int:
+        with self.connect() as sock:
+            sock.sendall(f"GET {path} HTTP/1.1\r\n\r\n".encode())
+            status = read_response(sock).status
+            hang_up(sock)
+            return status
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.thread.join(10)
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., Running]]:
+    running: list[Running] = []
+
+    def start(sock: socket.socket | None = None, **settings: Any) -> Running:
+        running.append(Running(sock, **settings))
+        return running[-1]
+
+    yield start
+    for r in running:
+        if r.thread.is_alive():
+            r.stop()
+        assert r.failure is None, r.failure
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a reset (RST), not a FIN."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    hang_up(sock)
+
+
+def test_with_threads_a_peer_that_resets_its_running_requests_cannot_queue_more_than_its_cap(
+    serve: Any,
+) -> None:
+    """Before: a connection reset while its request ran in a thread gave its places (per
+    peer, per worker) back at once, so a peer could connect, send a whole request, reset,
+    and again: every request queued for the pool (bodies and all) past both caps."""
+    r = serve(threads=2, max_connections_per_peer=2, connection_limit=4)
+    for _ in range(20):
+        sock = r.connect()
+        sock.sendall(b"GET /slow HTTP/1.1\r\n\r\n")
+        time.sleep(0.02)  # read and handed to a thread
+        reset(sock)
+    time.sleep(0.3 * 6)  # anything queued has run by now (two threads)
+    ran = r.app.calls.count("/slow")
+    assert ran <= 4, f"{ran} requests ran for a peer allowed 2 connections"
+    assert r.get("/x") == 200  # the places are given back once the requests have ended
