@@ -23,6 +23,8 @@ What the loop does for a hostile or slow peer, per connection:
   accepting and leaves the rest in the kernel's queue for a worker with room;
 - the head is at most ``MAX_HEAD`` bytes and ``MAX_HEADERS`` fields; the body is sized by
   ``Content-Length`` only (no ``Transfer-Encoding``), at most ``max_body`` bytes;
+- pipelined requests are run one per connection per turn of the loop, so that one client
+  cannot hold the loop with a packet of requests;
 - a connection closed after an error answer is shut for writing and read to its end (for
   at most ``LINGER_S``), so that the peer sees the answer rather than a reset.
 
@@ -292,6 +294,8 @@ class HttpServer:
         self.clock = clock
         self.poller = _Poller()
         self.conns: dict[int, _Connection] = {}
+        # Connections with pipelined requests left to run after this turn of the loop.
+        self._again: dict[int, _Connection] = {}
         # Connections closed while their request runs in a thread (counted until it ends).
         self._orphans = 0
         self.per_peer: collections.Counter[str] = collections.Counter()
@@ -350,7 +354,7 @@ class HttpServer:
                     break
                 if self.clock() > stop_by:
                     break
-            for fd, mask in self.poller.poll(SWEEP_INTERVAL):
+            for fd, mask in self.poller.poll(0.0 if self._again else SWEEP_INTERVAL):
                 if fd == listener_fd:
                     self._on_accept()
                 elif fd == wake_fd:
@@ -365,6 +369,10 @@ class HttpServer:
                     if mask & _OUT and not conn.closed:
                         self._flush(conn)
                         self._advance(conn)
+            if self._again:
+                again, self._again = self._again, {}
+                for conn in again.values():
+                    self._advance(conn)
             now = self.clock()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
@@ -517,6 +525,11 @@ class HttpServer:
             body = bytes(conn.inbuf[: request.length])
             del conn.inbuf[: request.length]
             self._dispatch(conn, request, body)
+            if conn.inbuf and not (conn.closed or conn.busy or conn.out or conn.close_after):
+                # One request per connection per turn of the loop: the next pipelined one
+                # waits for the other connections' turn.
+                self._again[conn.fd] = conn
+                return
 
     # -- running the application --------------------------------------------------------------
     def _environ(self, conn: _Connection, request: Request, body: bytes) -> dict[str, Any]:

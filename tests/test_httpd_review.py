@@ -120,3 +120,22 @@ def test_with_threads_a_peer_that_resets_its_running_requests_cannot_queue_more_
     ran = r.app.calls.count("/slow")
     assert ran <= 4, f"{ran} requests ran for a peer allowed 2 connections"
     assert r.get("/x") == 200  # the places are given back once the requests have ended
+
+
+def test_a_connection_pipelining_many_requests_does_not_hold_the_loop(serve: Any) -> None:
+    """Before: the loop ran every whole request a connection had sent before it looked at
+    any other connection, so one client pipelining a few hundred requests in one packet
+    held a worker for all of them (here 300 x 10 ms) while the others' requests waited."""
+    r = serve()
+    with r.connect() as greedy, r.connect() as other:
+        greedy.sendall(b"GET /nap HTTP/1.1\r\n\r\n" * 300)
+        time.sleep(0.1)
+        started = time.monotonic()
+        other.sendall(b"GET /x HTTP/1.1\r\n\r\n")
+        assert read_response(other).status == 200
+        waited = time.monotonic() - started
+        for _ in range(300):  # the greedy one's answers all come, in order
+            response = read_response(greedy)
+            assert json.loads(response.read()) == {"path": "/nap"}
+        hang_up(greedy)
+    assert waited < 1.0, f"a request waited {waited:.2f} s behind another connection's"
