@@ -76,6 +76,7 @@ _ERR = getattr(select, "EPOLLERR", select.POLLERR) | getattr(select, "EPOLLHUP",
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (a tab is allowed)
 _NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+_EMPTY_LINES = re.compile(rb"(?:\r\n)+")
 _REASONS = {
     100: "Continue",
     200: "OK",
@@ -489,8 +490,8 @@ class HttpServer:
             request = conn.request
             if request is None:
                 buf = conn.inbuf
-                while buf[:2] == b"\r\n":  # empty lines before a request line are allowed
-                    del buf[:2]
+                if buf.startswith(b"\r\n"):  # empty lines before a request line are allowed
+                    del buf[: _EMPTY_LINES.match(buf).end()]  # type: ignore[union-attr]
                 if buf and conn.since is None:  # a pipelined request: its clock starts now
                     conn.since = self.clock()
                 end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
@@ -499,9 +500,7 @@ class HttpServer:
                         self._fail(
                             conn, 431, f"expected a request head of at most {MAX_HEAD} bytes"
                         )
-                    elif not buf:
-                        conn.since = None
-                    return
+                    return  # (empty lines alone leave the head's clock running)
                 try:
                     request = parse_head(bytes(buf[:end]))
                 except BadRequest as e:

@@ -139,3 +139,24 @@ def test_a_connection_pipelining_many_requests_does_not_hold_the_loop(serve: Any
             assert json.loads(response.read()) == {"path": "/nap"}
         hang_up(greedy)
     assert waited < 1.0, f"a request waited {waited:.2f} s behind another connection's"
+
+
+def test_empty_lines_without_a_request_do_not_stop_the_clocks(serve: Any) -> None:
+    """Before: the empty lines allowed before a request line were dropped and the head's
+    clock with them, so a client sending "\\r\\n" now and then held its connection (and a
+    place) for ever, past header_timeout and keepalive_timeout."""
+    r = serve(header_timeout=0.5, keepalive_timeout=0.5, request_timeout=1.0)
+    with r.connect() as sock:
+        closed = False
+        deadline = time.monotonic() + 3.0
+        while time.monotonic() < deadline and not closed:
+            try:
+                sock.sendall(b"\r\n")
+                sock.settimeout(0.2)
+                closed = sock.recv(1) == b""
+            except TimeoutError:
+                pass
+            except ConnectionError:
+                closed = True
+        assert closed, "still open 3 s after its first byte"
+        hang_up(sock)
