@@ -599,7 +599,14 @@ class HttpServer:
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
+            # Framed here too: a status or field the head cannot carry is the app's failure.
             status_text, headers = started
+            status = int(status_text[:3])
+            head = [f"HTTP/1.1 {status_text}\r\n"]
+            for name, value in headers:
+                if name.lower() not in ("connection", "date", "server", "content-length"):
+                    head.append(f"{name}: {value}\r\n")
+            return status, self._head_text(head, body)
         except Exception:
             logger.exception(
                 "the application failed on %s %s",
@@ -607,12 +614,6 @@ class HttpServer:
                 environ["PATH_INFO"][:100],
             )
             return 500, self._head(500, [], error_body(500, "internal error"))
-        status = int(status_text[:3])
-        head = [f"HTTP/1.1 {status_text}\r\n"]
-        for name, value in headers:
-            if name.lower() not in ("connection", "date", "server", "content-length"):
-                head.append(f"{name}: {value}\r\n")
-        return status, self._head_text(head, body)
 
     def _head(self, status: int, headers: list[str], body: bytes) -> bytes:
         head = [

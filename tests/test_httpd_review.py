@@ -160,3 +160,20 @@ def test_empty_lines_without_a_request_do_not_stop_the_clocks(serve: Any) -> Non
                 closed = True
         assert closed, "still open 3 s after its first byte"
         hang_up(sock)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_an_answer_the_server_cannot_frame_is_a_500_and_the_worker_goes_on(
+    serve: Any, threads: int
+) -> None:
+    """Before: the application's status and header fields were framed outside the guard
+    that turns its failures into a 500, so a header value latin-1 cannot carry raised out
+    of run() (the worker died) or, in a thread, left the connection busy for ever."""
+    r = serve(threads=threads)
+    with r.connect() as sock:
+        sock.sendall(b"GET /latin HTTP/1.1\r\n\r\n")
+        response = read_response(sock)
+        assert response.status == 500 and json.loads(response.read())["error"] == "internal_error"
+        hang_up(sock)
+    assert r.get("/x") == 200
+
