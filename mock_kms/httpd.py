@@ -611,7 +611,8 @@ class HttpServer:
             logger.exception(
                 "the application failed on %s %s",
                 environ["REQUEST_METHOD"],
-                environ["PATH_INFO"][:100],
+                # The client's bytes, decoded: escaped, so that they cannot start a log line.
+                environ["PATH_INFO"][:100].encode("unicode_escape").decode("ascii"),
             )
             return 500, self._head(500, [], error_body(500, "internal error"))
 

@@ -6,6 +6,7 @@ The server's ordinary behaviour is in test_httpd.py; these are its review's find
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import struct
 import threading
@@ -177,3 +178,14 @@ def test_an_answer_the_server_cannot_frame_is_a_500_and_the_worker_goes_on(
         hang_up(sock)
     assert r.get("/x") == 200
 
+
+def test_a_failing_request_s_path_cannot_write_lines_into_the_log(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: the path of a request the application failed on was logged as decoded, so
+    %0a in it wrote a line of the client's choosing into the operator's log."""
+    r = serve()
+    with caplog.at_level(logging.ERROR, logger="mock_kms.httpd"):
+        assert r.get("/boom%0aCRITICAL%20mock_kms:%20forged") == 500
+    assert "the application failed on GET" in caplog.text
+    assert "\nCRITICAL mock_kms: forged" not in caplog.text
