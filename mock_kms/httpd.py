@@ -73,6 +73,16 @@ STOP_GRACE_S = 5.0
 _IN = getattr(select, "EPOLLIN", select.POLLIN)
 _OUT = getattr(select, "EPOLLOUT", select.POLLOUT)
 _ERR = getattr(select, "EPOLLERR", select.POLLERR) | getattr(select, "EPOLLHUP", select.POLLHUP)
+# accept() errors that are one connection's (accept(2): a network error already pending on
+# it, or a firewall's refusal): the next one is taken.
+_ACCEPT_NEXT = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENETUNREACH", "EHOSTDOWN",
+        "EHOSTUNREACH", "ENONET", "ENOPROTOOPT", "EOPNOTSUPP",
+    )
+    if hasattr(errno, name)
+)
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (a tab is allowed)
 _NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
@@ -417,16 +427,15 @@ class HttpServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors or memory: stop accepting for a moment (the
-                    # listener would wake the loop at once, again and again).
-                    logger.error("cannot accept a connection: %s", e.strerror)
-                    self._accept(False)
-                    self._accept_again_at = self.clock() + ACCEPT_PAUSE_S
-                    return
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                if e.errno in _ACCEPT_NEXT:
                     continue
-                raise
+                # Out of descriptors or memory, or an error this loop does not know: stop
+                # accepting for a moment (the listener would wake the loop at once, again
+                # and again) rather than end the worker.
+                logger.error("cannot accept a connection: %s", e.strerror)
+                self._accept(False)
+                self._accept_again_at = self.clock() + ACCEPT_PAUSE_S
+                return
             sock.setblocking(False)
             peer: str | None = None
             if self._tcp:

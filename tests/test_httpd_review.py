@@ -5,6 +5,7 @@ The server's ordinary behaviour is in test_httpd.py; these are its review's find
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import socket
@@ -189,3 +190,30 @@ def test_a_failing_request_s_path_cannot_write_lines_into_the_log(
         assert r.get("/boom%0aCRITICAL%20mock_kms:%20forged") == 500
     assert "the application failed on GET" in caplog.text
     assert "\nCRITICAL mock_kms: forged" not in caplog.text
+
+
+class _FlakyListener(socket.socket):
+    """A real listening socket whose next accept() fails once with ``errno`` first, the
+    way Linux's accept() passes on a network error already pending on the new connection
+    (or a firewall's EPERM): loopback cannot be made to do that on demand."""
+
+    fail_with: int | None = None
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if self.fail_with is not None:
+            code, self.fail_with = self.fail_with, None
+            raise OSError(code, "injected")
+        return super().accept()
+
+
+@pytest.mark.parametrize("code", [errno.ENETDOWN, errno.EHOSTUNREACH, errno.EPERM, errno.EINVAL, errno.EMFILE])
+def test_an_error_from_accept_does_not_end_the_worker(serve: Any, code: int) -> None:
+    """Before: accept() errors other than "out of descriptors" and ECONNABORTED/EPROTO
+    raised out of run(): a network error pending on one new connection (which accept(2)
+    says to treat like EAGAIN) ended the whole worker."""
+    plain = listen(ServerSettings(port=0))
+    sock = _FlakyListener(plain.family, plain.type, fileno=plain.detach())
+    sock.fail_with = code
+    r = serve(sock)
+    assert r.get("/x") == 200  # the first wake-up fails, the connection is taken next
+    assert r.get("/x") == 200
