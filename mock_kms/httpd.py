@@ -358,9 +358,11 @@ class HttpServer:
                 if stop_by is None:
                     stop_by = self.clock() + STOP_GRACE_S
                     self._accept(False)
-                    for idle in list(self.conns.values()):
-                        if not idle.busy and not idle.out:
-                            self._close(idle)
+                    for conn in list(self.conns.values()):
+                        if not conn.busy and not conn.out:
+                            self._close(conn)
+                        else:  # the answer due is its last
+                            conn.close_after = True
                 if not any(c.busy or c.out for c in self.conns.values()):
                     break
                 if self.clock() > stop_by:
@@ -649,7 +651,7 @@ class HttpServer:
         return self._date[1]
 
     def _respond(self, conn: _Connection, status: int, response: bytes) -> None:
-        if status >= 500 and status != 503:
+        if (status >= 500 and status != 503) or self.stopping:
             conn.close_after = True
         if conn.close_after:
             head, sep, rest = response.partition(b"\r\n\r\n")

@@ -217,3 +217,28 @@ def test_an_error_from_accept_does_not_end_the_worker(serve: Any, code: int) -> 
     r = serve(sock)
     assert r.get("/x") == 200  # the first wake-up fails, the connection is taken next
     assert r.get("/x") == 200
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_on_stop_a_connection_with_an_answer_due_gets_it_then_is_closed(
+    serve: Any, threads: int
+) -> None:
+    """Before: after stop(), a connection whose answer was still due kept running the
+    requests it had pipelined (and could send more) until the grace period ran out; its
+    answer did not say it was the last."""
+    r = serve(threads=threads)
+    with r.connect() as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\n\r\nGET /x HTTP/1.1\r\n\r\n")
+        if threads == 1:  # the loop is inside /slow: the stop lands as the signal would
+            threading.Timer(0.1, r.server.stop).start()
+        else:
+            time.sleep(0.1)
+            r.server.stop()
+        response = read_response(sock)
+        assert response.status == 200 and response.getheader("Connection") == "close"
+        assert json.loads(response.read()) == {"path": "/slow"}
+        assert sock.recv(100) == b""
+        hang_up(sock)
+    r.thread.join(5)
+    assert not r.thread.is_alive()
+    assert r.app.calls == ["/slow"]
