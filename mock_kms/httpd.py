@@ -537,8 +537,11 @@ class HttpServer:
             self._dispatch(conn, request, body)
             if conn.inbuf and not (conn.closed or conn.busy or conn.out or conn.close_after):
                 # One request per connection per turn of the loop: the next pipelined one
-                # waits for the other connections' turn.
+                # waits for the other connections' turn, and the connection is read no
+                # further ahead than a request's largest size meanwhile.
                 self._again[conn.fd] = conn
+                if len(conn.inbuf) > MAX_HEAD + self.settings.max_body:
+                    self._want(conn, 0)
                 return
 
     # -- running the application --------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 from test_httpd import hang_up, read_response
 
-from mock_kms.httpd import HttpServer
+from mock_kms.httpd import MAX_HEAD, RECV_SIZE, HttpServer
 from mock_kms.server import ServerSettings, listen
 
 Environ = dict[str, Any]
@@ -242,3 +242,40 @@ def test_on_stop_a_connection_with_an_answer_due_gets_it_then_is_closed(
     r.thread.join(5)
     assert not r.thread.is_alive()
     assert r.app.calls == ["/slow"]
+
+
+def test_a_connection_pipelining_faster_than_its_turns_does_not_grow_its_buffer(
+    serve: Any,
+) -> None:
+    """One request per connection per turn must not mean reading 64 KiB per turn: a client
+    sending tiny pipelined requests faster than its turns come would grow its buffer
+    without bound. It is read no further than a request's largest size ahead."""
+    r = serve()
+    count = 100_000
+    request = b"GET /x HTTP/1.1\r\n\r\n"
+    with r.connect() as sock:
+        answers = []
+
+        def read_all() -> None:
+            reader = sock.makefile("rb")
+            for _ in range(count):
+                line = reader.readline()
+                while reader.readline() != b"\r\n":
+                    pass
+                answers.append(line)
+                reader.read(len(b'{"path": "/x"}'))
+
+        reading = threading.Thread(target=read_all, daemon=True)
+        reading.start()
+        sending = threading.Thread(target=sock.sendall, args=(request * count,), daemon=True)
+        sending.start()
+        largest = 0
+        while reading.is_alive() and len(answers) < count:
+            for conn in list(r.server.conns.values()):
+                largest = max(largest, len(conn.inbuf))
+            time.sleep(0.001)
+        reading.join(60)
+        sending.join(10)
+        assert len(answers) == count and set(answers) == {b"HTTP/1.1 200 OK\r\n"}
+    bound = MAX_HEAD + r.settings.max_body + RECV_SIZE
+    assert largest <= bound, f"{largest} bytes buffered for one connection (bound {bound})"
