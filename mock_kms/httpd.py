@@ -620,7 +620,10 @@ class HttpServer:
             for name, value in headers:
                 if name.lower() not in ("connection", "date", "server", "content-length"):
                     head.append(f"{name}: {value}\r\n")
-            return status, self._head_text(head, body)
+            framed = self._head_text(head, body)
+            if body and environ["REQUEST_METHOD"] == "HEAD":  # its length, never its bytes
+                framed = framed[: -len(body)]
+            return status, framed
         except Exception:
             logger.exception(
                 "the application failed on %s %s",

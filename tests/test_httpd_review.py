@@ -6,6 +6,7 @@ The server's ordinary behaviour is in test_httpd.py; these are its review's find
 from __future__ import annotations
 
 import errno
+import http.client
 import json
 import logging
 import socket
@@ -16,7 +17,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from test_httpd import hang_up, read_response
+from test_httpd import _Stream, hang_up, read_response
 
 from mock_kms.httpd import MAX_HEAD, RECV_SIZE, HttpServer
 from mock_kms.server import ServerSettings, listen
@@ -279,3 +280,21 @@ def test_a_connection_pipelining_faster_than_its_turns_does_not_grow_its_buffer(
         assert len(answers) == count and set(answers) == {b"HTTP/1.1 200 OK\r\n"}
     bound = MAX_HEAD + r.settings.max_body + RECV_SIZE
     assert largest <= bound, f"{largest} bytes buffered for one connection (bound {bound})"
+
+
+def test_an_answer_to_head_has_no_body_and_the_next_answer_is_read_where_it_starts(
+    serve: Any,
+) -> None:
+    """Before: the answer to a HEAD request carried the application's body, which a client
+    or a proxy in front (that knows HEAD answers have none) read as the start of the next
+    answer on the connection: the answers after it were desynchronized."""
+    r = serve()
+    with r.connect() as sock:
+        sock.sendall(b"HEAD /x HTTP/1.1\r\n\r\nGET /after HTTP/1.1\r\n\r\n")
+        head = http.client.HTTPResponse(_Stream(sock), method="HEAD")  # type: ignore[arg-type]
+        head.begin()
+        assert head.status == 200 and head.read() == b""
+        assert int(head.getheader("Content-Length") or 0) == len(b'{"path": "/x"}')
+        after = read_response(sock)
+        assert after.status == 200 and json.loads(after.read()) == {"path": "/after"}
+        hang_up(sock)
