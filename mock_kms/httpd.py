@@ -386,6 +386,8 @@ class HttpServer:
                 again, self._again = self._again, {}
                 for conn in again.values():
                     self._advance(conn)
+                    if not (conn.events or conn.closed or conn.busy or conn.fd in self._again):
+                        self._want(conn, _IN)  # its requests have run: read on
             now = self.clock()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
@@ -537,11 +539,11 @@ class HttpServer:
             self._dispatch(conn, request, body)
             if conn.inbuf and not (conn.closed or conn.busy or conn.out or conn.close_after):
                 # One request per connection per turn of the loop: the next pipelined one
-                # waits for the other connections' turn, and the connection is read no
-                # further ahead than a request's largest size meanwhile.
+                # waits for the other connections' turn. The connection is not read
+                # meanwhile: its buffer does not grow, and the end of its bytes (a client
+                # may shut its side once it has sent) is not read before its requests ran.
                 self._again[conn.fd] = conn
-                if len(conn.inbuf) > MAX_HEAD + self.settings.max_body:
-                    self._want(conn, 0)
+                self._want(conn, 0)
                 return
 
     # -- running the application --------------------------------------------------------------

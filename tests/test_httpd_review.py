@@ -298,3 +298,18 @@ def test_an_answer_to_head_has_no_body_and_the_next_answer_is_read_where_it_star
         after = read_response(sock)
         assert after.status == 200 and json.loads(after.read()) == {"path": "/after"}
         hang_up(sock)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_a_client_that_pipelines_then_shuts_its_side_gets_every_answer(
+    serve: Any, threads: int
+) -> None:
+    """A client may send all its requests, shut its side for writing (FIN) and read: the
+    end of its bytes is not the end of its answers (all of them run, in order)."""
+    r = serve(threads=threads)
+    with r.connect() as sock:
+        sock.sendall(b"".join(b"GET /n%d HTTP/1.1\r\n\r\n" % i for i in range(200)))
+        sock.shutdown(socket.SHUT_WR)
+        for i in range(200):
+            assert json.loads(read_response(sock).read()) == {"path": f"/n{i}"}
+        hang_up(sock)
