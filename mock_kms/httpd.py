@@ -386,7 +386,9 @@ class HttpServer:
                 again, self._again = self._again, {}
                 for conn in again.values():
                     self._advance(conn)
-                    if not (conn.events or conn.closed or conn.busy or conn.fd in self._again):
+                    if not (conn.events or conn.closed or conn.busy) and (
+                        self._again.get(conn.fd) is not conn
+                    ):
                         self._want(conn, _IN)  # its requests have run: read on
             now = self.clock()
             if now >= next_sweep:
