@@ -19,8 +19,9 @@ What the loop does for a hostile or slow peer, per connection:
   ``request_timeout``; a connection between requests is closed after ``keepalive_timeout``
   and any connection with no byte either way after ``channel_timeout``;
 - at most ``max_connections_per_peer`` connections from one TCP peer (an IPv6 /64), the next
-  closed at accept; at most ``connection_limit`` in all, beyond which the worker stops
-  accepting and leaves the rest in the kernel's queue for a worker with room;
+  closed at accept; at most ``connection_limit`` in all, beyond which a new connection
+  takes the place of the one idle longest between requests (``EVICT_IDLE_S`` at least) or,
+  with none, the worker stops accepting and leaves the rest in the kernel's queue;
 - the head is at most ``MAX_HEAD`` bytes and ``MAX_HEADERS`` fields; the body is sized by
   ``Content-Length`` only (no ``Transfer-Encoding``), at most ``max_body`` bytes;
 - pipelined requests are run one per connection per turn of the loop, so that one client
@@ -63,6 +64,9 @@ ACCEPT_BATCH = 8
 RECV_SIZE = 64 * 1024
 # How long the worker stops accepting when it is out of file descriptors.
 ACCEPT_PAUSE_S = 0.5
+# At the connection limit, a connection idle between requests for at least this long is
+# closed to make room for a new one (the longest idle first).
+EVICT_IDLE_S = 1.0
 # How long a connection closed after an error is read to its end before it is dropped.
 LINGER_S = 2.0
 # How often the connections' clocks are looked at (seconds).
@@ -424,8 +428,10 @@ class HttpServer:
 
     def _on_accept(self) -> None:
         settings = self.settings
-        for _ in range(ACCEPT_BATCH):
-            if len(self.conns) + self._orphans >= settings.connection_limit:
+        for turn in range(ACCEPT_BATCH):
+            if len(self.conns) + self._orphans >= settings.connection_limit and not (
+                turn == 0 and self._evict()  # (woken: a connection waits to take the room)
+            ):
                 self._accept(False)  # the rest wait in the queue for a worker with room
                 return
             try:
@@ -463,6 +469,24 @@ class HttpServer:
             # A client usually sends its request with the connection: read it now rather
             # than after another turn of the loop.
             self._on_readable(conn)
+
+    def _evict(self) -> bool:
+        """At the connection limit: close the connection idle longest between requests (if
+        for ``EVICT_IDLE_S`` at least), so that kept-alive connections cannot hold every
+        place by sending a request now and then."""
+        oldest = self.clock() - EVICT_IDLE_S
+        victim = None
+        for conn in self.conns.values():
+            if conn.last_io < oldest and conn.since is None and not (
+                conn.busy or conn.out or conn.inbuf or conn.lingering
+            ):
+                victim, oldest = conn, conn.last_io
+        if victim is None:
+            return False
+        logger.info("closing a connection from %s to make room (the connection limit)",
+                    victim.remote)
+        self._close(victim)
+        return True
 
     def _refuse(self, peer: str) -> None:
         now = self.clock()
@@ -743,6 +767,8 @@ class HttpServer:
             self._accept_again_at = None
             if not self.stopping and len(self.conns) + self._orphans < settings.connection_limit:
                 self._accept(True)
+        elif not self.accepting and not self.stopping and self._accept_again_at is None:
+            self._accept(True)  # at the limit: a connection waiting may find room (_evict)
         for conn in list(self.conns.values()):
             reason = None
             if conn.lingering:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from test_httpd import _Stream, hang_up, read_response
 
-from mock_kms.httpd import MAX_HEAD, RECV_SIZE, HttpServer
+from mock_kms.httpd import EVICT_IDLE_S, MAX_HEAD, RECV_SIZE, HttpServer
 from mock_kms.server import ServerSettings, listen
 
 Environ = dict[str, Any]
@@ -313,3 +313,35 @@ def test_a_client_that_pipelines_then_shuts_its_side_gets_every_answer(
         for i in range(200):
             assert json.loads(read_response(sock).read()) == {"path": f"/n{i}"}
         hang_up(sock)
+
+
+def test_at_the_connection_limit_the_longest_idle_kept_alive_connection_makes_room(
+    serve: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Before: connections kept alive between requests held their places for as long as
+    they sent a request every keepalive_timeout, so a few addresses (127.0.0.0/8 is all
+    one host's) sending one request each per 3 s held a worker's 200 places and a new
+    client waited in the kernel's queue for ever. Now, at the limit, the connection idle
+    longest between requests (for at least EVICT_IDLE_S) is closed to make room."""
+    r = serve(connection_limit=3, max_connections_per_peer=3)
+    held = [
+        socket.create_connection(("127.0.0.1", r.port), timeout=10, source_address=(a, 0))
+        for a in ("127.0.0.2", "127.0.0.3", "127.0.0.3")
+    ]
+    for sock in held:
+        sock.sendall(b"GET /x HTTP/1.1\r\n\r\n")
+        assert json.loads(read_response(sock).read()) == {"path": "/x"}
+        time.sleep(0.1)
+    time.sleep(EVICT_IDLE_S)
+    with caplog.at_level(logging.INFO, logger="mock_kms.httpd"), r.connect() as new:
+        new.settimeout(3)
+        new.sendall(b"GET /new HTTP/1.1\r\n\r\n")
+        assert read_response(new).status == 200
+        hang_up(new)
+    assert held[0].recv(1) == b""  # the oldest was closed; the others are still served
+    for sock in held[1:]:
+        sock.sendall(b"GET /x HTTP/1.1\r\n\r\n")
+        assert json.loads(read_response(sock).read()) == {"path": "/x"}
+    for sock in held:
+        hang_up(sock)
+    assert "to make room (the connection limit)" in caplog.text
