@@ -19,10 +19,13 @@ What the loop does for a hostile or slow peer, per connection:
   ``request_timeout``; a connection between requests is closed after ``keepalive_timeout``
   and any connection with no byte either way after ``channel_timeout``;
 - at most ``max_connections_per_peer`` connections from one TCP peer (an IPv6 /64), the next
-  closed at accept; at most ``connection_limit`` in all, beyond which the worker stops
-  accepting and leaves the rest in the kernel's queue for a worker with room;
+  closed at accept; at most ``connection_limit`` in all, beyond which a new connection
+  takes the place of the one idle longest between requests (``EVICT_IDLE_S`` at least) or,
+  with none, the worker stops accepting and leaves the rest in the kernel's queue;
 - the head is at most ``MAX_HEAD`` bytes and ``MAX_HEADERS`` fields; the body is sized by
   ``Content-Length`` only (no ``Transfer-Encoding``), at most ``max_body`` bytes;
+- pipelined requests are run one per connection per turn of the loop, so that one client
+  cannot hold the loop with a packet of requests;
 - a connection closed after an error answer is shut for writing and read to its end (for
   at most ``LINGER_S``), so that the peer sees the answer rather than a reset.
 
@@ -61,6 +64,9 @@ ACCEPT_BATCH = 8
 RECV_SIZE = 64 * 1024
 # How long the worker stops accepting when it is out of file descriptors.
 ACCEPT_PAUSE_S = 0.5
+# At the connection limit, a connection idle between requests for at least this long is
+# closed to make room for a new one (the longest idle first).
+EVICT_IDLE_S = 1.0
 # How long a connection closed after an error is read to its end before it is dropped.
 LINGER_S = 2.0
 # How often the connections' clocks are looked at (seconds).
@@ -71,9 +77,20 @@ STOP_GRACE_S = 5.0
 _IN = getattr(select, "EPOLLIN", select.POLLIN)
 _OUT = getattr(select, "EPOLLOUT", select.POLLOUT)
 _ERR = getattr(select, "EPOLLERR", select.POLLERR) | getattr(select, "EPOLLHUP", select.POLLHUP)
+# accept() errors that are one connection's (accept(2): a network error already pending on
+# it, or a firewall's refusal): the next one is taken.
+_ACCEPT_NEXT = frozenset(
+    getattr(errno, name)
+    for name in (
+        "ECONNABORTED", "EPROTO", "EPERM", "ENETDOWN", "ENETUNREACH", "EHOSTDOWN",
+        "EHOSTUNREACH", "ENONET", "ENOPROTOOPT", "EOPNOTSUPP",
+    )
+    if hasattr(errno, name)
+)
 _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (a tab is allowed)
 _NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
+_EMPTY_LINES = re.compile(rb"(?:\r\n)+")
 _REASONS = {
     100: "Continue",
     200: "OK",
@@ -292,6 +309,10 @@ class HttpServer:
         self.clock = clock
         self.poller = _Poller()
         self.conns: dict[int, _Connection] = {}
+        # Connections with pipelined requests left to run after this turn of the loop.
+        self._again: dict[int, _Connection] = {}
+        # Connections closed while their request runs in a thread (counted until it ends).
+        self._orphans = 0
         self.per_peer: collections.Counter[str] = collections.Counter()
         self.accepting = False
         self._accept_again_at: float | None = None
@@ -341,14 +362,16 @@ class HttpServer:
                 if stop_by is None:
                     stop_by = self.clock() + STOP_GRACE_S
                     self._accept(False)
-                    for idle in list(self.conns.values()):
-                        if not idle.busy and not idle.out:
-                            self._close(idle)
+                    for conn in list(self.conns.values()):
+                        if not conn.busy and not conn.out:
+                            self._close(conn)
+                        else:  # the answer due is its last
+                            conn.close_after = True
                 if not any(c.busy or c.out for c in self.conns.values()):
                     break
                 if self.clock() > stop_by:
                     break
-            for fd, mask in self.poller.poll(SWEEP_INTERVAL):
+            for fd, mask in self.poller.poll(0.0 if self._again else SWEEP_INTERVAL):
                 if fd == listener_fd:
                     self._on_accept()
                 elif fd == wake_fd:
@@ -363,6 +386,14 @@ class HttpServer:
                     if mask & _OUT and not conn.closed:
                         self._flush(conn)
                         self._advance(conn)
+            if self._again:
+                again, self._again = self._again, {}
+                for conn in again.values():
+                    self._advance(conn)
+                    if not (conn.events or conn.closed or conn.busy) and (
+                        self._again.get(conn.fd) is not conn
+                    ):
+                        self._want(conn, _IN)  # its requests have run: read on
             now = self.clock()
             if now >= next_sweep:
                 next_sweep = now + SWEEP_INTERVAL
@@ -397,8 +428,10 @@ class HttpServer:
 
     def _on_accept(self) -> None:
         settings = self.settings
-        for _ in range(ACCEPT_BATCH):
-            if len(self.conns) >= settings.connection_limit:
+        for turn in range(ACCEPT_BATCH):
+            if len(self.conns) + self._orphans >= settings.connection_limit and not (
+                turn == 0 and self._evict()  # (woken: a connection waits to take the room)
+            ):
                 self._accept(False)  # the rest wait in the queue for a worker with room
                 return
             try:
@@ -406,16 +439,15 @@ class HttpServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors or memory: stop accepting for a moment (the
-                    # listener would wake the loop at once, again and again).
-                    logger.error("cannot accept a connection: %s", e.strerror)
-                    self._accept(False)
-                    self._accept_again_at = self.clock() + ACCEPT_PAUSE_S
-                    return
-                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                if e.errno in _ACCEPT_NEXT:
                     continue
-                raise
+                # Out of descriptors or memory, or an error this loop does not know: stop
+                # accepting for a moment (the listener would wake the loop at once, again
+                # and again) rather than end the worker.
+                logger.error("cannot accept a connection: %s", e.strerror)
+                self._accept(False)
+                self._accept_again_at = self.clock() + ACCEPT_PAUSE_S
+                return
             sock.setblocking(False)
             peer: str | None = None
             if self._tcp:
@@ -437,6 +469,24 @@ class HttpServer:
             # A client usually sends its request with the connection: read it now rather
             # than after another turn of the loop.
             self._on_readable(conn)
+
+    def _evict(self) -> bool:
+        """At the connection limit: close the connection idle longest between requests (if
+        for ``EVICT_IDLE_S`` at least), so that kept-alive connections cannot hold every
+        place by sending a request now and then."""
+        oldest = self.clock() - EVICT_IDLE_S
+        victim = None
+        for conn in self.conns.values():
+            if conn.last_io < oldest and conn.since is None and not (
+                conn.busy or conn.out or conn.inbuf or conn.lingering
+            ):
+                victim, oldest = conn, conn.last_io
+        if victim is None:
+            return False
+        logger.info("closing a connection from %s to make room (the connection limit)",
+                    victim.remote)
+        self._close(victim)
+        return True
 
     def _refuse(self, peer: str) -> None:
         now = self.clock()
@@ -479,8 +529,8 @@ class HttpServer:
             request = conn.request
             if request is None:
                 buf = conn.inbuf
-                while buf[:2] == b"\r\n":  # empty lines before a request line are allowed
-                    del buf[:2]
+                if buf.startswith(b"\r\n"):  # empty lines before a request line are allowed
+                    del buf[: _EMPTY_LINES.match(buf).end()]  # type: ignore[union-attr]
                 if buf and conn.since is None:  # a pipelined request: its clock starts now
                     conn.since = self.clock()
                 end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
@@ -489,9 +539,7 @@ class HttpServer:
                         self._fail(
                             conn, 431, f"expected a request head of at most {MAX_HEAD} bytes"
                         )
-                    elif not buf:
-                        conn.since = None
-                    return
+                    return  # (empty lines alone leave the head's clock running)
                 try:
                     request = parse_head(bytes(buf[:end]))
                 except BadRequest as e:
@@ -515,6 +563,14 @@ class HttpServer:
             body = bytes(conn.inbuf[: request.length])
             del conn.inbuf[: request.length]
             self._dispatch(conn, request, body)
+            if conn.inbuf and not (conn.closed or conn.busy or conn.out or conn.close_after):
+                # One request per connection per turn of the loop: the next pipelined one
+                # waits for the other connections' turn. The connection is not read
+                # meanwhile: its buffer does not grow, and the end of its bytes (a client
+                # may shut its side once it has sent) is not read before its requests ran.
+                self._again[conn.fd] = conn
+                self._want(conn, 0)
+                return
 
     # -- running the application --------------------------------------------------------------
     def _environ(self, conn: _Connection, request: Request, body: bytes) -> dict[str, Any]:
@@ -560,7 +616,10 @@ class HttpServer:
         while self._done:
             conn, status, response = self._done.popleft()
             conn.busy = False
-            if not conn.closed:
+            if conn.closed:
+                self._orphans -= 1
+                self._release(conn)
+            else:
                 self._respond(conn, status, response)
                 self._advance(conn)
 
@@ -582,20 +641,25 @@ class HttpServer:
                 close = getattr(result, "close", None)
                 if close is not None:
                     close()
+            # Framed here too: a status or field the head cannot carry is the app's failure.
             status_text, headers = started
+            status = int(status_text[:3])
+            head = [f"HTTP/1.1 {status_text}\r\n"]
+            for name, value in headers:
+                if name.lower() not in ("connection", "date", "server", "content-length"):
+                    head.append(f"{name}: {value}\r\n")
+            framed = self._head_text(head, body)
+            if body and environ["REQUEST_METHOD"] == "HEAD":  # its length, never its bytes
+                framed = framed[: -len(body)]
+            return status, framed
         except Exception:
             logger.exception(
                 "the application failed on %s %s",
                 environ["REQUEST_METHOD"],
-                environ["PATH_INFO"][:100],
+                # The client's bytes, decoded: escaped, so that they cannot start a log line.
+                environ["PATH_INFO"][:100].encode("unicode_escape").decode("ascii"),
             )
             return 500, self._head(500, [], error_body(500, "internal error"))
-        status = int(status_text[:3])
-        head = [f"HTTP/1.1 {status_text}\r\n"]
-        for name, value in headers:
-            if name.lower() not in ("connection", "date", "server", "content-length"):
-                head.append(f"{name}: {value}\r\n")
-        return status, self._head_text(head, body)
 
     def _head(self, status: int, headers: list[str], body: bytes) -> bytes:
         head = [
@@ -621,7 +685,7 @@ class HttpServer:
         return self._date[1]
 
     def _respond(self, conn: _Connection, status: int, response: bytes) -> None:
-        if status >= 500 and status != 503:
+        if (status >= 500 and status != 503) or self.stopping:
             conn.close_after = True
         if conn.close_after:
             head, sep, rest = response.partition(b"\r\n\r\n")
@@ -681,6 +745,14 @@ class HttpServer:
         self.conns.pop(conn.fd, None)
         self.poller.forget(conn.fd)
         conn.sock.close()
+        if conn.busy:
+            # Its request still runs in a thread: it keeps its places (per peer, per worker)
+            # until that ends, else connect-send-reset would queue requests past both caps.
+            self._orphans += 1
+            return
+        self._release(conn)
+
+    def _release(self, conn: _Connection) -> None:
         if conn.peer is not None:
             self.per_peer[conn.peer] -= 1
             if self.per_peer[conn.peer] <= 0:
@@ -693,8 +765,10 @@ class HttpServer:
         settings = self.settings
         if self._accept_again_at is not None and now >= self._accept_again_at:
             self._accept_again_at = None
-            if not self.stopping and len(self.conns) < settings.connection_limit:
+            if not self.stopping and len(self.conns) + self._orphans < settings.connection_limit:
                 self._accept(True)
+        elif not self.accepting and not self.stopping and self._accept_again_at is None:
+            self._accept(True)  # at the limit: a connection waiting may find room (_evict)
         for conn in list(self.conns.values()):
             reason = None
             if conn.lingering:
