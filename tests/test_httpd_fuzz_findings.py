@@ -1,25 +1,18 @@
 """What the ``http`` fuzz target (fuzz/http.py) found in the KMS's HTTP server
 (mock_kms/httpd.py), each as a regression test. A test marked ``xfail(strict=True)`` is a
-finding not fixed yet: it fails today, and starts passing (so fails the suite, as a reminder
-to drop the mark) once the server is fixed."""
+finding not fixed yet (none is today): it fails, and starts passing (so fails the suite, as a
+reminder to drop the mark) once the server is fixed."""
 
 from __future__ import annotations
 
 import http.client
 from typing import Any
 
-import pytest
 from test_httpd import Running, _Stream, read_response, serve
 
 __all__ = ["serve"]  # the fixture, used here by name
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="httpd sends the application's content in answer to HEAD (RFC 9110 9.3.2: MUST "
-    "NOT), so a client or proxy reading pipelined answers takes that content for the next "
-    "answer's status line",
-)
 def test_an_answer_to_head_has_no_content_so_the_next_answer_is_read_as_sent(serve: Any) -> None:
     r: Running = serve()
     with r.connect() as sock:
