@@ -17,9 +17,10 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import test_httpd
 from test_httpd import _Stream, hang_up, read_response
 
-from mock_kms.httpd import EVICT_IDLE_S, MAX_HEAD, RECV_SIZE, HttpServer
+from mock_kms.httpd import EVICT_IDLE_S, MAX_HEAD, RECV_SIZE
 from mock_kms.server import ServerSettings, listen
 
 Environ = dict[str, Any]
@@ -50,55 +51,16 @@ class App:
         return [json.dumps({"path": path}).encode()]
 
 
-class Running:
+class Running(test_httpd.Running):
+    """The server with :class:`App`, no path closing its connection."""
+
     def __init__(self, sock: socket.socket | None = None, **settings: Any) -> None:
-        self.settings = ServerSettings(port=0, **settings)
-        self.sock = sock if sock is not None else listen(self.settings)
-        self.port = self.sock.getsockname()[1]
-        self.app = App()
-        self.server = HttpServer(self.app, self.settings, self.sock)
-        self.failure: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-
-    def _run(self) -> None:
-        try:
-            self.server.run()
-        except BaseException as e:  # what would have killed a worker
-            self.failure = e
-        finally:
-            self.server.close()
-            self.sock.close()
-
-    def connect(self) -> socket.socket:
-        return socket.create_connection(("127.0.0.1", self.port), timeout=10)
-
-    def get(self, path: str) -> int:
-        with self.connect() as sock:
-            sock.sendall(f"GET {path} HTTP/1.1\r\n\r\n".encode())
-            status = read_response(sock).status
-            hang_up(sock)
-            return status
-
-    def stop(self) -> None:
-        self.server.stop()
-        self.thread.join(10)
-        assert not self.thread.is_alive()
+        super().__init__(sock, app=App(), close_after=(), **settings)
 
 
 @pytest.fixture
 def serve() -> Iterator[Callable[..., Running]]:
-    running: list[Running] = []
-
-    def start(sock: socket.socket | None = None, **settings: Any) -> Running:
-        running.append(Running(sock, **settings))
-        return running[-1]
-
-    yield start
-    for r in running:
-        if r.thread.is_alive():
-            r.stop()
-        assert r.failure is None, r.failure
+    yield from test_httpd.serving(Running)
 
 
 def reset(sock: socket.socket) -> None:
