@@ -226,6 +226,7 @@ class _Connection:
         "peer",
         "remote",
         "request",
+        "scanned",
         "since",
         "sock",
     )
@@ -236,6 +237,7 @@ class _Connection:
         self.peer = peer  # counted against the per-peer cap, or None (unix socket)
         self.remote = remote
         self.inbuf = bytearray()
+        self.scanned = 0  # how much of inbuf is known to hold no end of a head
         self.out = bytearray()
         self.request: Request | None = None  # a head read, its body not yet whole
         self.since: float | None = None  # the current request's first byte
@@ -531,10 +533,15 @@ class HttpServer:
                 buf = conn.inbuf
                 if buf.startswith(b"\r\n"):  # empty lines before a request line are allowed
                     del buf[: _EMPTY_LINES.match(buf).end()]  # type: ignore[union-attr]
+                    conn.scanned = 0
                 if buf and conn.since is None:  # a pipelined request: its clock starts now
                     conn.since = self.clock()
-                end = buf.find(b"\r\n\r\n", 0, MAX_HEAD + 4)
+                # Only what arrived since the last look (and the 3 bytes before it, where an
+                # end could have begun): a head trickled byte by byte is not rescanned whole
+                # at every byte.
+                end = buf.find(b"\r\n\r\n", max(0, conn.scanned - 3), MAX_HEAD + 4)
                 if end < 0:
+                    conn.scanned = len(buf)
                     if len(buf) > MAX_HEAD:
                         self._fail(
                             conn, 431, f"expected a request head of at most {MAX_HEAD} bytes"
@@ -546,6 +553,7 @@ class HttpServer:
                     self._fail(conn, e.status, e.message)
                     return
                 del buf[: end + 4]
+                conn.scanned = 0
                 conn.request = request
                 if request.length > self.settings.max_body:
                     # The application refuses it (its own error and audit line) without
@@ -562,6 +570,7 @@ class HttpServer:
                 return
             body = bytes(conn.inbuf[: request.length])
             del conn.inbuf[: request.length]
+            conn.scanned = 0
             self._dispatch(conn, request, body)
             if conn.inbuf and not (conn.closed or conn.busy or conn.out or conn.close_after):
                 # One request per connection per turn of the loop: the next pipelined one

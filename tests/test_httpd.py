@@ -412,3 +412,26 @@ def test_stop_lets_a_request_in_progress_answer_then_returns(serve: Any) -> None
         assert not r.thread.is_alive()
     with pytest.raises(OSError):
         r.connect().close()  # nothing listens any more
+
+
+def test_a_head_arriving_in_pieces_is_found_whatever_the_split(serve: Any) -> None:
+    """The end of a head is looked for only in what arrived since the last look (and the
+    three bytes before it): every way of cutting the final CRLF CRLF across two reads, and
+    a head sent a byte at a time, are still read as one head."""
+    r = serve()
+    request = b"GET /x?pieces HTTP/1.1\r\nHost: kms\r\nX-Pad: " + b"p" * 40 + b"\r\n\r\n"
+    for cut in range(len(request) - 6, len(request)):
+        with r.connect() as sock:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            sock.sendall(request[:cut])
+            time.sleep(0.05)  # read apart from what follows
+            sock.sendall(request[cut:])
+            response = read_response(sock)
+            assert response.status == 200, cut
+            assert json.loads(response.read())["query"] == "pieces"
+    with r.connect() as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        for i in range(len(request)):
+            sock.sendall(request[i : i + 1])
+            time.sleep(0.002)
+        assert read_response(sock).status == 200
