@@ -6,6 +6,7 @@ Each test starts the servers it needs and stops them (``Setup.close``); nothing 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import resource
@@ -49,21 +50,31 @@ def identity_of(state: Path) -> str:
 
 
 class LoopbackServer:
-    """A TCP server on loopback that runs ``handle(conn)`` for each connection in a thread,
-    closing the connection after; ``errors`` keeps what the handlers raised."""
+    """A server on loopback TCP (or on the unix socket ``unix``) that runs ``handle(conn)``
+    for each connection in a thread, closing the connection after; ``errors`` keeps what the
+    handlers raised."""
 
     def __init__(
-        self, handle: Callable[[socket.socket], None], host: str = "127.0.0.1", port: int = 0
+        self,
+        handle: Callable[[socket.socket], None],
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        unix: Path | None = None,
     ) -> None:
         self.handle = handle
-        self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+        if unix is not None:
+            self.listener = socket.socket(socket.AF_UNIX)
+        else:
+            self.listener = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
         try:
-            self.listener.bind((host, port))
+            self.listener.bind(str(unix) if unix is not None else (host, port))
             self.listener.listen(16)
         except OSError:
             self.listener.close()
             raise
-        self.port = int(self.listener.getsockname()[1])
+        self.address = self.listener.getsockname()
+        self.port = 0 if unix is not None else int(self.address[1])
         self.accepted = 0
         self.errors: list[BaseException] = []
         threading.Thread(target=self._accept, daemon=True).start()
@@ -85,6 +96,8 @@ class LoopbackServer:
                 self.errors.append(e)
 
     def close(self) -> None:
+        with contextlib.suppress(OSError):  # wakes the accepting thread (Linux)
+            self.listener.shutdown(socket.SHUT_RDWR)
         self.listener.close()
 
 

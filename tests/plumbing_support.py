@@ -3,7 +3,6 @@ namespace runner. Unix sockets stand in for vsock (no vsock loopback on these ma
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from e2e_support import LoopbackServer
 
 NEEDS_ROOT_NAMESPACES = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,
@@ -33,45 +33,8 @@ def sockdir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-class StreamServer:
-    """A server on a unix path or 127.0.0.1 that runs ``handle(conn)`` per connection."""
-
-    def __init__(self, handle: Callable[[socket.socket], None], unix: Path | None = None) -> None:
-        self.handle = handle
-        if unix is not None:
-            self.listener = socket.socket(socket.AF_UNIX)
-            self.listener.bind(str(unix))
-        else:
-            self.listener = socket.socket()
-            self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.address = self.listener.getsockname()
-        self.errors: list[BaseException] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    @property
-    def port(self) -> int:
-        return int(self.address[1])
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._run, args=(conn,), daemon=True).start()
-
-    def _run(self, conn: socket.socket) -> None:
-        with conn:
-            try:
-                self.handle(conn)
-            except Exception as e:
-                self.errors.append(e)
-
-    def close(self) -> None:
-        with contextlib.suppress(OSError):  # wakes the accepting thread (Linux)
-            self.listener.shutdown(socket.SHUT_RDWR)
-        self.listener.close()
+# A server on a unix path or 127.0.0.1 that runs ``handle(conn)`` per connection.
+StreamServer = LoopbackServer
 
 
 def echo(conn: socket.socket) -> None:
