@@ -62,7 +62,8 @@ MAX_HEADERS = 64
 # Connections accepted per turn of the loop, so that a burst is shared with other workers.
 ACCEPT_BATCH = 8
 RECV_SIZE = 64 * 1024
-# How long the worker stops accepting when it is out of file descriptors.
+# How long the worker stops accepting after an accept() error that is not one connection's
+# (out of file descriptors or memory, or one this loop does not know).
 ACCEPT_PAUSE_S = 0.5
 # At the connection limit, a connection idle between requests for at least this long is
 # closed to make room for a new one (the longest idle first).
@@ -91,7 +92,8 @@ _TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _CONTROL = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")  # in a field value (a tab is allowed)
 _NOT_IN_TARGET = re.compile(rb"[\x00-\x20\x7f]")
 _EMPTY_LINES = re.compile(rb"(?:\r\n)+")
-_REASONS = {
+# The reason phrase of each status this server or the KMS's application answers with.
+REASONS = {
     100: "Continue",
     200: "OK",
     400: "Bad Request",
@@ -203,11 +205,6 @@ def parse_head(head: bytes) -> Request:
         expect_continue=version == "HTTP/1.1"
         and headers.get("expect", "").lower() == "100-continue",
     )
-
-
-def error_body(status: int, message: str) -> bytes:
-    code = {413: "body_too_large", 500: "internal_error"}.get(status, "bad_request")
-    return json.dumps({"error": code, "message": message}, separators=(",", ":")).encode()
 
 
 class _Connection:
@@ -322,15 +319,11 @@ class HttpServer:
         self._last_refusal_log = 0.0
         self._date = (0, "")
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
-        if self._tcp:
-            host, port = sock.getsockname()[:2]
-            self._server_name, self._server_port = str(host), str(port)
-        else:
-            self._server_name, self._server_port = "localhost", ""
+        host, port = sock.getsockname()[:2] if self._tcp else ("localhost", "")
         self._base_environ = {
             "SCRIPT_NAME": "",
-            "SERVER_NAME": self._server_name,
-            "SERVER_PORT": self._server_port,
+            "SERVER_NAME": str(host),
+            "SERVER_PORT": str(port),
             "wsgi.version": (1, 0),
             "wsgi.url_scheme": "http",
             "wsgi.errors": sys.stderr,
@@ -668,12 +661,15 @@ class HttpServer:
                 # The client's bytes, decoded: escaped, so that they cannot start a log line.
                 environ["PATH_INFO"][:100].encode("unicode_escape").decode("ascii"),
             )
-            return 500, self._head(500, [], error_body(500, "internal error"))
+            return 500, self._error_answer(500, "internal error")
 
-    def _head(self, status: int, headers: list[str], body: bytes) -> bytes:
+    def _error_answer(self, status: int, message: str) -> bytes:
+        """This server's own answer: ``{"error": CODE, "message": TEXT}``, the shape of the
+        application's errors."""
+        code = "internal_error" if status == 500 else "bad_request"
+        body = json.dumps({"error": code, "message": message}, separators=(",", ":")).encode()
         head = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\n",
-            *headers,
+            f"HTTP/1.1 {status} {REASONS.get(status, 'Error')}\r\n",
             "Content-Type: application/json\r\n",
             "Cache-Control: no-store\r\n",
         ]
@@ -740,7 +736,7 @@ class HttpServer:
         logger.info("refusing a request from %s: %s", conn.remote, message)
         conn.request = None
         conn.close_after = conn.drain = True
-        self._respond(conn, status, self._head(status, [], error_body(status, message)))
+        self._respond(conn, status, self._error_answer(status, message))
 
     def _want(self, conn: _Connection, events: int) -> None:
         if conn.events != events and not conn.closed:

@@ -47,7 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from keyutil.protocol import json_nesting
 from mock_kms.config import LIMITS
 from mock_kms.errors import ErrorCode, InvalidError, KmsError, UnavailableError
-from mock_kms.httpd import HttpServer, peer_of
+from mock_kms.httpd import REASONS, HttpServer, peer_of
 from mock_kms.service import ReleaseService, Timings, describe_document
 
 logger = logging.getLogger(__name__)
@@ -176,16 +176,7 @@ def _version() -> str:
 
 
 def _status_line(status: int) -> str:
-    reasons = {
-        200: "OK",
-        400: "Bad Request",
-        403: "Forbidden",
-        404: "Not Found",
-        405: "Method Not Allowed",
-        413: "Payload Too Large",
-        503: "Service Unavailable",
-    }
-    return f"{status} {reasons.get(status, 'Error')}"
+    return f"{status} {REASONS.get(status, 'Error')}"
 
 
 def http_status(error: KmsError) -> int:
