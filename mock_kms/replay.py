@@ -204,7 +204,10 @@ class SqliteReplayStore(ReplayStore):
                 conn.execute(statement)
                 return
             except sqlite3.OperationalError as e:
-                if e.sqlite_errorcode not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
+                # The extended code's low byte is the primary one: SQLITE_BUSY_RECOVERY
+                # (another process rebuilding the WAL index) is a SQLITE_BUSY too.
+                primary = e.sqlite_errorcode & 0xFF
+                if primary not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
                     raise
                 if time.monotonic() + pause > end:
                     raise

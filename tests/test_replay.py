@@ -159,6 +159,37 @@ def test_sqlite_store_locked_too_long_is_unavailable_then_resumes(tmp_path: Path
     store.check_ready()
 
 
+@pytest.mark.parametrize("name", ["SQLITE_BUSY", "SQLITE_BUSY_RECOVERY", "SQLITE_LOCKED"])
+def test_sqlite_store_waits_out_every_kind_of_busy(tmp_path: Path, name: str) -> None:
+    """sqlite3 reports extended codes: another process rebuilding the WAL index is
+    SQLITE_BUSY_RECOVERY, which is waited out like SQLITE_BUSY rather than refused (503)."""
+    store = SqliteReplayStore(tmp_path / "replay.sqlite3")
+    busy = sqlite3.OperationalError("database is locked")
+    busy.sqlite_errorcode = getattr(sqlite3, name)
+    calls: list[str] = []
+
+    class Conn:
+        def execute(self, statement: str) -> None:
+            calls.append(statement)
+            if len(calls) == 1:
+                raise busy
+
+    store._begin(Conn())  # type: ignore[arg-type]
+    assert calls == ["BEGIN IMMEDIATE", "BEGIN IMMEDIATE"]
+    other = sqlite3.OperationalError("disk I/O error")
+    other.sqlite_errorcode = sqlite3.SQLITE_IOERR_WRITE
+    calls.clear()
+
+    class Failing:
+        def execute(self, statement: str) -> None:
+            calls.append(statement)
+            raise other
+
+    with pytest.raises(sqlite3.OperationalError):
+        store._begin(Failing())  # type: ignore[arg-type]
+    assert calls == ["BEGIN IMMEDIATE"]  # not retried
+
+
 def test_sqlite_store_in_a_missing_directory_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(UnavailableError) as err:
         SqliteReplayStore(tmp_path / "missing" / "replay.sqlite3")
