@@ -99,11 +99,18 @@ def run_workers(count: int, serve_one: Callable[[int], None]) -> int | None:
     def start(index: int) -> None:
         # A stop signal is held from the fork until the new pid is in ``workers``: one that
         # landed in between was lost to the new worker (which then ran until SIGKILL), or
-        # ran the parent's handler in the worker itself.
+        # ran the parent's handler in the worker itself. Holding it in this thread is not
+        # enough when the process has others: one of them takes the signal and the handler
+        # runs here at once, before the pid is in the table; so a stop already under way
+        # is sent on to the new worker once it is.
         signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
         try:
             if stop_by is None:
-                workers[_start(index, serve_one)] = (index, time.monotonic())
+                pid = _start(index, serve_one)
+                workers[pid] = (index, time.monotonic())
+                if stop_by is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, _STOP_SIGNALS)
 
