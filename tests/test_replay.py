@@ -120,6 +120,31 @@ def test_sqlite_store_survives_a_restart(tmp_path: Path) -> None:
     assert again.claim(used, expires_ms=T0_MS + 30_000, now_ms=T0_MS + 1) is Verdict.REPLAYED
 
 
+def test_sqlite_store_file_has_small_pages_and_an_older_file_keeps_its_own(
+    tmp_path: Path,
+) -> None:
+    def page_size(path: Path) -> int:
+        with contextlib.closing(sqlite3.connect(path)) as conn:
+            (size,) = conn.execute("PRAGMA page_size").fetchone()
+        return int(size)
+
+    new = tmp_path / "new.sqlite3"
+    SqliteReplayStore(new).claim(nonce(1), expires_ms=T0_MS + 30_000, now_ms=T0_MS)
+    assert page_size(new) == replay.SQLITE_PAGE_SIZE == 1024
+    # A store file made with SQLite's default 4 KiB pages (before SQLITE_PAGE_SIZE) opens
+    # as it is, and what it remembers still counts.
+    old = tmp_path / "old.sqlite3"
+    with contextlib.closing(sqlite3.connect(old)) as conn:
+        conn.execute("PRAGMA journal_mode=WAL")
+    used = nonce(2)
+    store = SqliteReplayStore(old)
+    assert store.claim(used, expires_ms=T0_MS + 30_000, now_ms=T0_MS) is Verdict.ACCEPTED
+    store.close()
+    assert page_size(old) == 4096
+    reopened = SqliteReplayStore(old)
+    assert reopened.claim(used, expires_ms=T0_MS + 30_000, now_ms=T0_MS) is Verdict.REPLAYED
+
+
 def test_sqlite_store_prunes_expired_entries_once_a_second(tmp_path: Path) -> None:
     """Expired entries are dropped once a second of high-water time, not on every claim; kept
     or dropped, an expired nonce is refused as expired, even by a clock stepped back."""
