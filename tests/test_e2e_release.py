@@ -9,12 +9,14 @@ import socket
 import subprocess
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
 import pytest
 from e2e_support import (
     KEYUTIL,
+    MOCK_KMS,
     Kms,
     LoopbackServer,
     Setup,
@@ -250,3 +252,30 @@ def test_sigterm_stops_the_kms_cleanly(setup: Setup) -> None:
     log = setup.kms_log.read_text()
     assert "Traceback" not in log
     assert "mock-kms stopping" in log
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_quiet_drops_the_line_per_request_but_not_the_audit_record(
+    setup: Setup, quiet: bool
+) -> None:
+    kms = setup.kms(*(["--quiet"] if quiet else [])).start().wait_listening()
+    assert setup.get_key(kms.url, "--key", "disk", "--stdout").returncode == 0
+    refused = urllib.request.Request(kms.url + "/v1/release", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as err:
+        urllib.request.urlopen(refused, timeout=10)
+    assert err.value.code == 400
+    kms.stop()
+    log = setup.kms_log.read_text()
+    assert "mock-kms serving on" in log and "mock-kms stopping" in log
+    assert ("release ok:" in log, "release denied:" in log) == (not quiet, not quiet), log
+    audit = [json.loads(line) for line in setup.audit.read_text().splitlines()]
+    assert [e["outcome"] for e in audit] == ["released", "denied"]
+
+
+def test_quiet_and_verbose_together_are_a_usage_error(setup: Setup) -> None:
+    result = subprocess.run(
+        [MOCK_KMS, "serve", "--quiet", "-v", "--state-dir", str(setup.state)],
+        capture_output=True, timeout=60,
+    )
+    assert result.returncode == 2
+    assert b"--quiet and --verbose ask for opposite things" in result.stderr
