@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import http.client
+import io
 import json
 import multiprocessing
 import multiprocessing.connection
@@ -213,6 +214,41 @@ class Client:
             opened = p.open_sealed(SUITE, recipient, key, nonce, p.b64d(item["sealed"], "sealed"))
             if opened != self.state.derive_key(application, key):
                 raise RuntimeError(f"key {key.name}: opened, but not the derived key")
+
+
+
+class DirectClient(Client):
+    """A :class:`Client` that calls the WSGI app in this process: no HTTP server, no socket."""
+
+    def __init__(self, app: Any, sim_dir: Path, state_dir: Path, identity: str) -> None:
+        super().__init__("127.0.0.1", 0, sim_dir, state_dir, identity)
+        self.app = app
+
+    def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        status: list[str] = []
+        environ = {
+            "REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "",
+            "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
+            "wsgi.input": io.BytesIO(body), "REMOTE_ADDR": "127.0.0.1",
+            "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "0", "SERVER_PROTOCOL": "HTTP/1.1",
+            "wsgi.url_scheme": "http",
+        }
+        data = b"".join(self.app(environ, lambda s, h, e=None: status.append(s)))
+        return int(status[0].split()[0]), data
+
+
+def in_process_app(kms: LocalKms, replay_store: str | None = None) -> tuple[DirectClient, Any]:
+    """A client of the KMS app in this process, with the service that ``mock-kms serve``
+    builds for ``kms``'s state and simulator (embedded chain with the image registered,
+    ``--nonce-lifetime 600 --max-age 600``, the given ``--replay-store``), and the service."""
+    import mock_kms.cli as cli
+    from mock_kms.server import KmsApp
+
+    service = cli._start_service(
+        kms.state_dir, cli._allow_images([f"{kms.os_image_hash}={kms.app}"]), None, None, None,
+        0, 2.0, 2.0, [kms.sim_dir / "root.pem"], False, 600.0, None, None, 600.0, replay_store,
+    )
+    return DirectClient(KmsApp(service), kms.sim_dir, kms.state_dir, kms.identity), service
 
 
 def client_worker(
@@ -538,7 +574,8 @@ def print_table(report: dict[str, Any]) -> None:
     print(
         f"server: mock-kms serve, workers {report['server_workers']}, "
         f"--threads {report['server_threads']} each, embedded chain, "
-        f"audit log {'on' if report['audit_log'] else 'off'}; clients: N processes, one "
+        f"audit log {'on' if report['audit_log'] else 'off'}"
+        f"{', --quiet' if report['quiet'] else ''}; clients: N processes, one "
         f"closed-loop client and keep-alive connection each, on the same "
         f"{report['cpus_usable']} cores"
     )
@@ -620,6 +657,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     serve_args = ["--threads", str(args.threads)]
     if args.audit_log:
         serve_args += ["--audit-log", str(work / "audit.log")]
+    if args.quiet:
+        serve_args += ["--quiet"]
     if args.docs:
         # Documents are built before the window: they must still be fresh when sent.
         serve_args += ["--nonce-lifetime", "600", "--max-age", "600"]
@@ -670,6 +709,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "server_workers": args.workers,
         "precomputed_documents_per_client": args.docs,
         "audit_log": args.audit_log,
+        "quiet": args.quiet,
         "client_mode": "N client processes (multiprocessing fork), closed loop, one keep-alive "
         "HTTP/1.1 connection each, on the same cores as the server"
         + (", documents built before the window" if args.docs else ""),
@@ -729,6 +769,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "document in the loop)",
     )
     parser.add_argument("--audit-log", action="store_true", help="run mock-kms --audit-log")
+    parser.add_argument(
+        "--quiet", action="store_true", help="run mock-kms --quiet (no INFO line per release)"
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     args = parser.parse_args(argv)

@@ -194,35 +194,10 @@ def in_process_cost(work: Path, releases: int) -> dict[str, Any]:
     """CPU per release of the WSGI app called directly (no HTTP server, no socket), with the
     service that ``mock-kms serve`` builds for the same options: what any server adds is
     the server CPU per release minus this."""
-    import io
-
-    from bench_release import Client
+    from bench_release import in_process_app
     from benchlib import LocalKms
 
-    import mock_kms.cli as cli
-    from mock_kms.server import KmsApp
-
-    kms = LocalKms(work, app="app")
-    service = cli._start_service(
-        kms.state_dir, cli._allow_images([f"{kms.os_image_hash}=app"]), None, None, None, 0,
-        2.0, 2.0, [kms.sim_dir / "root.pem"], False, 600.0, None, None, 600.0, None,
-    )
-    app = KmsApp(service)
-
-    class Direct(Client):
-        def post(self, path: str, body: bytes) -> tuple[int, bytes]:
-            status: list[str] = []
-            environ = {
-                "REQUEST_METHOD": "POST", "PATH_INFO": path, "QUERY_STRING": "",
-                "CONTENT_TYPE": "application/json", "CONTENT_LENGTH": str(len(body)),
-                "wsgi.input": io.BytesIO(body), "REMOTE_ADDR": "127.0.0.1",
-                "SERVER_NAME": "127.0.0.1", "SERVER_PORT": "0", "SERVER_PROTOCOL": "HTTP/1.1",
-                "wsgi.url_scheme": "http",
-            }
-            data = b"".join(app(environ, lambda s, h, e=None: status.append(s)))
-            return int(status[0].split()[0]), data
-
-    client = Direct("127.0.0.1", 0, kms.sim_dir, kms.state_dir, kms.identity)
+    client, service = in_process_app(LocalKms(work, app="app"))
     ready = [client.prepare() for _ in range(releases)]
     answers = []
     cpu0, wall0 = time.process_time(), time.perf_counter()
