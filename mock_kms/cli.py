@@ -476,7 +476,7 @@ def recipient(state_dir: Path, app: str, key_name: str, key_type: str, as_json: 
     envvar="MOCK_KMS_QUIET",
     help="No INFO line per request (releases, refusals, closed connections): warnings and "
     "errors only, besides the start and stop lines. The audit log, if on, still records "
-    "every decision. The line costs a busy KMS about 3 % of its CPU per release.",
+    "every decision. The line costs a busy KMS 3-4 % of its CPU per release.",
 )
 @click.option(
     "--log-format",
