@@ -600,8 +600,25 @@ def serve(
     except KeyboardInterrupt:
         stopped_by = stopped[0] if stopped else signal.SIGINT
     logger.info("mock-kms stopping")
-    if stopped_by == signal.SIGINT:
-        sys.exit(EXIT_INTERRUPTED)
+    code = EXIT_INTERRUPTED if stopped_by == signal.SIGINT else 0
+    if _request_threads_left():
+        # Requests stuck in the application past the stop's grace (the server said how
+        # many): the interpreter would join their threads at exit, for as long as their
+        # calls take. Workers (--workers > 1) exit so already.
+        logging.shutdown()
+        os._exit(code)
+    if code:
+        sys.exit(code)
+
+
+def _request_threads_left() -> bool:
+    import threading
+
+    from mock_kms.httpd import REQUEST_THREAD_PREFIX
+
+    return any(
+        t.is_alive() and t.name.startswith(REQUEST_THREAD_PREFIX) for t in threading.enumerate()
+    )
 
 
 def _refuse_password_in_argv(replay_store: str | None) -> None:

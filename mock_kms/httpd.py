@@ -74,6 +74,8 @@ LINGER_S = 2.0
 SWEEP_INTERVAL = 0.25
 # After stop(): how long requests in progress get to finish and their answers to be sent.
 STOP_GRACE_S = 5.0
+# The names of the threads that run requests (``--threads`` > 1).
+REQUEST_THREAD_PREFIX = "kms-request"
 
 _IN = getattr(select, "EPOLLIN", select.POLLIN)
 _OUT = getattr(select, "EPOLLOUT", select.POLLOUT)
@@ -316,6 +318,9 @@ class HttpServer:
         self.accepting = False
         self._accept_again_at: float | None = None
         self.stopping = False
+        # Requests still running in threads when a stop's grace ran out: close() does not
+        # wait for them (see there).
+        self.abandoned = 0
         self._last_refusal_log = 0.0
         self._date = (0, "")
         self._tcp = sock.family in (socket.AF_INET, socket.AF_INET6)
@@ -340,7 +345,7 @@ class HttpServer:
         self._wake_w.setblocking(False)
         if settings.threads > 1:
             self._pool = concurrent.futures.ThreadPoolExecutor(
-                settings.threads, thread_name_prefix="kms-request"
+                settings.threads, thread_name_prefix=REQUEST_THREAD_PREFIX
             )
         self.listener.setblocking(False)
         self.poller.register(self._wake_r.fileno(), _IN)
@@ -362,9 +367,18 @@ class HttpServer:
                             self._close(conn)
                         else:  # the answer due is its last
                             conn.close_after = True
-                if not any(c.busy or c.out for c in self.conns.values()):
+                running = sum(c.busy for c in self.conns.values()) + self._orphans
+                if not running and not any(c.out for c in self.conns.values()):
                     break
                 if self.clock() > stop_by:
+                    if running:
+                        self.abandoned = running
+                        logger.warning(
+                            "stopping with %d request(s) still running after the %g s grace: "
+                            "not waiting for them (their connections close unanswered)",
+                            running,
+                            STOP_GRACE_S,
+                        )
                     break
             for fd, mask in self.poller.poll(0.0 if self._again else SWEEP_INTERVAL):
                 if fd == listener_fd:
@@ -405,7 +419,10 @@ class HttpServer:
         for conn in list(self.conns.values()):
             self._close(conn)
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            # A request stuck in the application (a chain node or a disk that does not
+            # answer) must not hold the stop: past the grace its thread is left behind, and
+            # the process exits without it (REQUEST_THREAD_PREFIX).
+            self._pool.shutdown(wait=not self.abandoned, cancel_futures=True)
         self._accept(False)
         self.poller.close()
         self._wake_r.close()

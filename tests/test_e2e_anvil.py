@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
-from chain_fixtures import Anvil
+from chain_fixtures import Anvil, start_anvil
 from click.testing import CliRunner
 from e2e_support import Setup
 
 from mock_kms.cli import cli as kms_cli
+from mock_kms.httpd import STOP_GRACE_S
 
 pytestmark = pytest.mark.slow
 KMS_GOV = str(Path(sys.executable).parent / "kms-gov")
@@ -122,3 +125,42 @@ def test_identity_creates_state_and_is_stable(tmp_path: Path) -> None:
     assert first.exit_code == 0 and first.output.startswith("ed25519:")
     assert first.output == second.output
     assert oct((tmp_path / "s").stat().st_mode & 0o777) == "0o700"
+
+
+def test_a_stop_does_not_wait_for_a_request_stuck_on_the_chain(tmp_path: Path) -> None:
+    """One worker with --threads: a request whose chain call does not return (the node is
+    stopped) is left behind once the stop's grace is over, as a worker's would be; before,
+    the KMS waited for the call (here up to --rpc-timeout, 60 s)."""
+    node = start_anvil()  # its own: it is stopped (SIGSTOP) below
+    setup = Setup(tmp_path)
+    held: socket.socket | None = None
+    try:
+        owner = node.new_account()
+        contract = node.deploy(owner)
+        key = "0x" + bytes(owner.key).hex()
+        added = gov(node, key, "add-image", setup.image, "--app", "app-a", "--contract", contract)
+        assert added.returncode == 0, added.stderr.decode()
+        kms = setup.kms(
+            "--rpc-url", node.url, "--contract", contract, "--chain-id", str(node.chain_id),
+            "--rpc-timeout", "60", "--workers", "1", "--threads", "2", images=(),
+        ).start().wait_listening()
+        node.process.send_signal(signal.SIGSTOP)
+        time.sleep(1.2)  # past the readiness answer's 1 s cache: /v1/health asks the node
+        port = int(kms.url.rsplit(":", 1)[1])
+        held = socket.create_connection(("127.0.0.1", port))
+        held.sendall(b"GET /v1/health HTTP/1.1\r\nHost: kms\r\n\r\n")
+        time.sleep(0.5)
+        assert kms.proc is not None
+        started = time.monotonic()
+        kms.proc.send_signal(signal.SIGTERM)
+        assert kms.proc.wait(timeout=30) == 0
+        assert time.monotonic() - started < STOP_GRACE_S + 3
+        log = setup.kms_log.read_text()
+        assert "stopping with 1 request(s) still running after the 5 s grace" in log, log
+        assert "mock-kms stopping" in log
+    finally:
+        node.process.send_signal(signal.SIGCONT)
+        if held is not None:
+            held.close()
+        setup.close()
+        node.stop()
