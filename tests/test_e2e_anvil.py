@@ -127,10 +127,13 @@ def test_identity_creates_state_and_is_stable(tmp_path: Path) -> None:
     assert oct((tmp_path / "s").stat().st_mode & 0o777) == "0o700"
 
 
-def test_a_stop_does_not_wait_for_a_request_stuck_on_the_chain(tmp_path: Path) -> None:
-    """One worker with --threads: a request whose chain call does not return (the node is
-    stopped) is left behind once the stop's grace is over, as a worker's would be; before,
-    the KMS waited for the call (here up to --rpc-timeout, 60 s)."""
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_stop_does_not_wait_for_a_request_stuck_on_the_chain(
+    tmp_path: Path, workers: int
+) -> None:
+    """With --threads, a request whose chain call does not return (the node is stopped) is
+    left behind once the stop's grace is over. Before, one worker waited for the call (here
+    up to --rpc-timeout, 60 s), and a worker of several until its parent killed it (10 s)."""
     node = start_anvil()  # its own: it is stopped (SIGSTOP) below
     setup = Setup(tmp_path)
     held: socket.socket | None = None
@@ -142,7 +145,7 @@ def test_a_stop_does_not_wait_for_a_request_stuck_on_the_chain(tmp_path: Path) -
         assert added.returncode == 0, added.stderr.decode()
         kms = setup.kms(
             "--rpc-url", node.url, "--contract", contract, "--chain-id", str(node.chain_id),
-            "--rpc-timeout", "60", "--workers", "1", "--threads", "2", images=(),
+            "--rpc-timeout", "60", "--workers", str(workers), "--threads", "2", images=(),
         ).start().wait_listening()
         node.process.send_signal(signal.SIGSTOP)
         time.sleep(1.2)  # past the readiness answer's 1 s cache: /v1/health asks the node
