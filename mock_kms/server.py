@@ -1,7 +1,8 @@
 """The KMS over HTTP: a WSGI application and the server settings.
 
-    >>> from mock_kms.server import KmsApp, serve                     # doctest: +SKIP
-    >>> serve(KmsApp(service), ServerSettings(host="127.0.0.1", port=8420))  # doctest: +SKIP
+    >>> from mock_kms.server import KmsApp, ServerSettings, create_server  # doctest: +SKIP
+    >>> settings = ServerSettings(host="127.0.0.1", port=8420)              # doctest: +SKIP
+    >>> create_server(KmsApp(service), settings).run()  # until .stop()      # doctest: +SKIP
 
 Endpoints (JSON in and out; errors are ``{"error": CODE, "message": TEXT}``):
 
