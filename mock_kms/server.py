@@ -183,7 +183,11 @@ def _status_line(status: int) -> str:
 def http_status(error: KmsError) -> int:
     if isinstance(error, UnavailableError):
         return 503
-    if error.code in (ErrorCode.BAD_REQUEST, ErrorCode.INPUT_ENCODING):
+    # A malformed application name or id (GET /v1/recipient's app) is a malformed
+    # parameter, not a denial.
+    if error.code in (
+        ErrorCode.BAD_REQUEST, ErrorCode.INPUT_ENCODING, ErrorCode.APPLICATION_INVALID
+    ):
         return 400
     if error.code == ErrorCode.BODY_TOO_LARGE:
         return 413
@@ -311,17 +315,12 @@ class KmsApp:
             )
         if "app" not in query or "key" not in query:
             raise InvalidError(ErrorCode.BAD_REQUEST, "expected the query app=APP&key=NAME")
-        try:
-            return 200, recipient_statement(
-                self.service.state,
-                app=query["app"][0],
-                name=query["key"][0],
-                key_type=query.get("type", ["age"])[0],
-            )
-        except InvalidError as e:
-            if e.code is ErrorCode.APPLICATION_INVALID:  # a malformed parameter, not a denial
-                return 400, e.to_json()
-            raise
+        return 200, recipient_statement(
+            self.service.state,
+            app=query["app"][0],
+            name=query["key"][0],
+            key_type=query.get("type", ["age"])[0],
+        )
 
     def _challenge(self, environ: Environ) -> tuple[int, Any]:
         self.metrics.challenges.inc()
