@@ -30,7 +30,6 @@ the same ratio for the server under concurrent load.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import socket
@@ -42,7 +41,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from bench_release import Client, FloorBench, in_process_app
+from bench_release import Client, FloorBench, app_cost, in_process_app
 from benchlib import LocalKms, cpu_seconds, environment
 
 REQUEST_BYTES = 6500  # a one-key release request with a simulator document, about
@@ -90,19 +89,9 @@ def _idle() -> None:
     time.sleep(IDLE_S)
 
 
-def app_cpu(client: Client, releases: int, between: Callable[[], None] | None) -> float:
+def app_cpu(client: Client, releases: int, between: Callable[[], None] | None = None) -> float:
     """The app's CPU per release (ms), ``between`` run (and not counted) before each."""
-    ready = [client.prepare() for _ in range(releases)]
-    total, answers = 0.0, []
-    for prepared in ready:
-        if between is not None:
-            between()
-        started = time.thread_time()
-        answers.append(client.send(prepared)[1])
-        total += time.thread_time() - started
-    for prepared, data in zip(ready[:20], answers, strict=False):
-        client.check(prepared, data)
-    return 1000 * total / releases
+    return float(app_cost(client, releases, between)["cpu_ms_per_release"])
 
 
 def server_cpu(kms: LocalKms, releases: int) -> float:
@@ -110,10 +99,7 @@ def server_cpu(kms: LocalKms, releases: int) -> float:
     kms.start()
     try:
         client = Client("127.0.0.1", kms.port, kms.sim_dir, kms.state_dir, kms.identity)
-        ready = [
-            dataclasses.replace(p, request=client.request_bytes(p.body))
-            for p in (client.prepare() for _ in range(releases + 20))
-        ]
+        ready = [client.prepare() for _ in range(releases + 20)]
         for prepared in ready[:20]:  # warm-up, not counted
             client.send_raw(prepared)
         before = cpu_seconds(kms.pid, with_children=True)
@@ -136,8 +122,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         app, service = in_process_app(kms)
         memory_app, memory_service = in_process_app(kms, "memory")
         rows: dict[str, Callable[[], float]] = {
-            "app": lambda: app_cpu(app, args.releases, None),
-            "app, memory store": lambda: app_cpu(memory_app, args.releases, None),
+            "app": lambda: app_cpu(app, args.releases),
+            "app, memory store": lambda: app_cpu(memory_app, args.releases),
             "app, TCP between": lambda: app_cpu(app, args.releases, exchange),
             "app, idle between": lambda: app_cpu(app, args.releases, _idle),
         }

@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -97,7 +97,7 @@ class Prepared:
     recipient: Any
     binding: bytes
     body: bytes
-    request: bytes = b""  # the whole HTTP request, when built before the window
+    request: bytes  # the whole HTTP request around ``body``, for :meth:`Client.send_raw`
 
 
 class Client:
@@ -157,7 +157,7 @@ class Client:
                 "attestation": p.b64e(document),
             }
         ).encode()
-        return Prepared(nonce, recipient, binding, body)
+        return Prepared(nonce, recipient, binding, body, self.request_bytes(body))
 
     def send(self, prepared: Prepared) -> tuple[float, bytes]:
         """POST a prepared release: (round trip in seconds, the answer). Raises unless 200."""
@@ -173,10 +173,9 @@ class Client:
         (the KMS closes the connection after a release, as it does for keyutil): a client
         that costs the machine as little as a client can, so that the KMS is what is
         measured. The answer is checked later, by :meth:`check`, like :meth:`send`'s."""
-        request = prepared.request or self.request_bytes(prepared.body)
         started = time.perf_counter()
         with socket.create_connection((self.host, self.port), timeout=30) as sock:
-            sock.sendall(request)
+            sock.sendall(prepared.request)
             chunks = []
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
@@ -216,7 +215,6 @@ class Client:
                 raise RuntimeError(f"key {key.name}: opened, but not the derived key")
 
 
-
 class DirectClient(Client):
     """A :class:`Client` that calls the WSGI app in this process: no HTTP server, no socket."""
 
@@ -251,6 +249,29 @@ def in_process_app(kms: LocalKms, replay_store: str | None = None) -> tuple[Dire
     return DirectClient(KmsApp(service), kms.sim_dir, kms.state_dir, kms.identity), service
 
 
+def app_cost(
+    client: Client, releases: int, between: Callable[[], None] | None = None
+) -> dict[str, Any]:
+    """``releases`` fresh releases sent one after the other by ``client`` (an
+    :func:`in_process_app` one): the CPU time (of this thread) and the wall time of the calls
+    per release, in ms, ``between`` run (and not counted) before each. Every answer is
+    checked after."""
+    ready = [client.prepare() for _ in range(releases)]
+    cpu = wall = 0.0
+    answers = []
+    for prepared in ready:
+        if between is not None:
+            between()
+        cpu0, wall0 = time.thread_time(), time.perf_counter()
+        answers.append(client.send(prepared)[1])
+        cpu += time.thread_time() - cpu0
+        wall += time.perf_counter() - wall0
+    for prepared, data in zip(ready, answers, strict=True):
+        client.check(prepared, data)
+    return {"releases": releases, "cpu_ms_per_release": 1000 * cpu / releases,
+            "wall_ms_per_release": 1000 * wall / releases}
+
+
 def client_worker(
     conn: multiprocessing.connection.Connection,
     kms: tuple[str, int, str, str, str],
@@ -271,7 +292,6 @@ def client_worker(
     try:
         client = Client(host, port, Path(sim_dir), Path(state_dir), identity)
         ready = [client.prepare() for _ in range(precomputed)]
-        ready = [dataclasses.replace(r, request=client.request_bytes(r.body)) for r in ready]
         answers: list[tuple[Prepared, bytes]] = []
         conn.send("ready")
         begin_at, stop_at = conn.recv()

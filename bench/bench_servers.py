@@ -52,7 +52,6 @@ import signal
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -194,21 +193,14 @@ def in_process_cost(work: Path, releases: int) -> dict[str, Any]:
     """CPU per release of the WSGI app called directly (no HTTP server, no socket), with the
     service that ``mock-kms serve`` builds for the same options: what any server adds is
     the server CPU per release minus this."""
-    from bench_release import in_process_app
+    from bench_release import app_cost, in_process_app
     from benchlib import LocalKms
 
     client, service = in_process_app(LocalKms(work, app="app"))
-    ready = [client.prepare() for _ in range(releases)]
-    answers = []
-    cpu0, wall0 = time.process_time(), time.perf_counter()
-    for prepared in ready:
-        answers.append(client.send(prepared)[1])
-    cpu, wall = time.process_time() - cpu0, time.perf_counter() - wall0
-    for prepared, data in zip(ready, answers, strict=True):
-        client.check(prepared, data)
-    service.nonces.store.close()
-    return {"releases": releases, "cpu_ms_per_release": 1000 * cpu / releases,
-            "wall_ms_per_release": 1000 * wall / releases}
+    try:
+        return app_cost(client, releases)
+    finally:
+        service.nonces.store.close()
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
