@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from e2e_support import LoopbackServer
 
 NEEDS_ROOT_NAMESPACES = pytest.mark.skipif(
     os.geteuid() != 0 or shutil.which("unshare") is None,
@@ -31,10 +30,6 @@ def sockdir() -> Iterator[Path]:
     path.chmod(0o755)
     yield path
     shutil.rmtree(path, ignore_errors=True)
-
-
-# A server on a unix path or 127.0.0.1 that runs ``handle(conn)`` per connection.
-StreamServer = LoopbackServer
 
 
 def echo(conn: socket.socket) -> None:

@@ -12,11 +12,10 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import KEYUTIL, free_port
+from e2e_support import KEYUTIL, LoopbackServer, free_port
 from plumbing_support import (
     NEEDS_ROOT_NAMESPACES,
     EnclaveRun,
-    StreamServer,
     sockdir,
     wait_until,
     write_app,
@@ -330,7 +329,7 @@ def test_a_host_that_stops_reading_never_blocks_the_app(sockdir: Path) -> None:
     def never_read(conn: socket.socket) -> None:
         stalled.wait(60)
 
-    host = StreamServer(never_read, unix=sockdir / "stall.sock")
+    host = LoopbackServer(never_read, unix=sockdir / "stall.sock")
     timings = {}
     try:
         for case, log_to in (("baseline", ""), ("stalled", f"unix://{sockdir}/stall.sock")):

@@ -13,8 +13,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from e2e_support import KEYUTIL, ProxyProcess, json_lines
-from plumbing_support import NitroCliStandIn, StreamServer, echo, enclave, exchange, sockdir
+from e2e_support import KEYUTIL, LoopbackServer, ProxyProcess, json_lines
+from plumbing_support import NitroCliStandIn, echo, enclave, exchange, sockdir
 
 from keyutil import proxy as p
 from keyutil.host.nitro import EnclaveNotFound, NitroCli, pick_cid
@@ -59,7 +59,7 @@ def test_bad_destinations_say_why(text: str, message: str) -> None:
 
 
 def test_unix_to_unix_is_byte_exact(sockdir: Path) -> None:
-    app = StreamServer(echo, unix=sockdir / "app.sock")
+    app = LoopbackServer(echo, unix=sockdir / "app.sock")
     proxy = ProxyProcess(
         "--listen", f"unix://{sockdir}/in.sock", "--to", f"unix://{sockdir}/app.sock",
         "--log-format", "json",

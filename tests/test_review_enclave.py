@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from plumbing_support import StreamServer, sockdir
+from e2e_support import LoopbackServer
+from plumbing_support import sockdir
 
 from keyutil import keytypes
 from keyutil.enclave.config import parse_config
@@ -128,7 +129,7 @@ def test_hostile_host_settings_are_refused_and_the_boot_goes_on(
     """Deep nesting made json.loads raise RecursionError (not a ValueError): a traceback,
     and PID 1 died before the app. A lone surrogate cannot go into an environment."""
     _app(sockdir)
-    server = StreamServer(lambda conn: conn.sendall(body), unix=sockdir / "settings.sock")
+    server = LoopbackServer(lambda conn: conn.sendall(body), unix=sockdir / "settings.sock")
     try:
         sup, lines = _supervisor(SETTINGS, sockdir, environ={})
         assert sup.run() == 0

@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import KEYUTIL, MOCK_KMS, ProxyProcess, Setup, free_port, sim_init
+from e2e_support import KEYUTIL, MOCK_KMS, LoopbackServer, ProxyProcess, Setup, free_port, sim_init
 from plumbing_support import (
     NEEDS_ROOT_NAMESPACES,
     EnclaveRun,
-    StreamServer,
     echo,
     events,
     exchange,
@@ -84,7 +83,7 @@ def test_host_tcp_to_the_app_and_the_app_to_a_host_server(sockdir: Path) -> None
     byte-exact; and app -> 127.0.0.1:8443 -> egress forwarder -> host proxy -> host TCP."""
     record = sockdir / "record.json"
     app = write_app(sockdir / "app.py", SERVER_APP)
-    outside = StreamServer(echo)  # the "internet" server the app reaches through egress
+    outside = LoopbackServer(echo)  # the "internet" server the app reaches through egress
     egress = ProxyProcess(
         "--listen", f"unix://{sockdir}/egress.sock", "--to", f"tcp://127.0.0.1:{outside.port}"
     ).wait_listening(sockdir / "egress.sock")

@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from plumbing_support import StreamServer, sockdir
+from e2e_support import LoopbackServer
+from plumbing_support import sockdir
 
 from keyutil.enclave.config import ConfigError, load_config, parse_config
 from keyutil.enclave.supervisor import StepFailed, Supervisor
@@ -261,8 +262,8 @@ env = { MODE = "image" }
 """
 
 
-def serve_settings(path: Path, body: bytes) -> StreamServer:
-    return StreamServer(lambda conn: conn.sendall(body), unix=path)
+def serve_settings(path: Path, body: bytes) -> LoopbackServer:
+    return LoopbackServer(lambda conn: conn.sendall(body), unix=path)
 
 
 def test_host_settings_only_for_allowed_names_each_logged(sockdir: Path) -> None:

@@ -10,8 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from e2e_support import KEYUTIL
-from plumbing_support import NitroCliStandIn, StreamServer, enclave, sockdir
+from e2e_support import KEYUTIL, LoopbackServer
+from plumbing_support import NitroCliStandIn, enclave, sockdir
 
 from keyutil.host.ready import GaveUp, NotReady, Ready, wait_ready
 
@@ -77,7 +77,7 @@ def test_http_check_waits_for_a_2xx(sockdir: Path) -> None:
         status = b"503 Service Unavailable" if len(answered) < 3 else b"200 OK"
         conn.sendall(b"HTTP/1.1 " + status + b"\r\nContent-Length: 2\r\n\r\nok")
 
-    server = StreamServer(http, unix=sockdir / "app.sock")
+    server = LoopbackServer(http, unix=sockdir / "app.sock")
     try:
         code, answer, _ = wait_ready_cli(
             "--target", f"unix://{sockdir}/app.sock", "--http", "/healthz", "--deadline", "20"
@@ -96,7 +96,7 @@ def test_http_status_that_never_turns_2xx_is_named(sockdir: Path) -> None:
         conn.recv(4096)
         conn.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
 
-    server = StreamServer(http, unix=sockdir / "app.sock")
+    server = LoopbackServer(http, unix=sockdir / "app.sock")
     try:
         code, answer, stderr = wait_ready_cli(
             "--target", f"unix://{sockdir}/app.sock", "--http", "/", "--deadline", "1"
@@ -121,8 +121,8 @@ def test_nothing_listening_exits_3_within_the_deadline(sockdir: Path) -> None:
 
 
 def test_a_peer_that_closes_at_once_is_not_ready_one_that_stays_is(sockdir: Path) -> None:
-    closer = StreamServer(lambda conn: None, unix=sockdir / "closer.sock")
-    stayer = StreamServer(lambda conn: time.sleep(2), unix=sockdir / "stayer.sock")
+    closer = LoopbackServer(lambda conn: None, unix=sockdir / "closer.sock")
+    stayer = LoopbackServer(lambda conn: time.sleep(2), unix=sockdir / "stayer.sock")
     try:
         code, answer, _ = wait_ready_cli("--target", f"unix://{sockdir}/closer.sock",
                                          "--deadline", "1")
