@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from chain_fixtures import Anvil, start_anvil
 from click.testing import CliRunner
-from e2e_support import Setup
+from e2e_support import Kms, Setup
 
 from mock_kms.cli import cli as kms_cli
 from mock_kms.httpd import STOP_GRACE_S
@@ -32,31 +32,29 @@ def gov(anvil: Anvil, key: str, *args: str) -> subprocess.CompletedProcess[bytes
     return subprocess.run([KMS_GOV, *args], env=env, capture_output=True, timeout=60)
 
 
+def kms_on_chain(node: Anvil, setup: Setup, *extra: str) -> tuple[Kms, str, str]:
+    """The allowlist contract deployed on ``node`` with ``setup``'s image registered for
+    app-a, and a KMS reading it (with ``extra`` options), listening: (the KMS, the owner's
+    private key, the contract's address)."""
+    owner = node.new_account()
+    key = "0x" + bytes(owner.key).hex()
+    contract = node.deploy(owner)
+    added = gov(node, key, "add-image", setup.image, "--app", "app-a", "--contract", contract)
+    assert added.returncode == 0, added.stderr.decode()
+    kms = setup.kms(
+        "--rpc-url", node.url, "--contract", contract, "--chain-id", str(node.chain_id), *extra,
+        images=(),
+    )
+    return kms.start().wait_listening(), key, contract
+
+
 def test_revocation_on_chain_takes_effect_within_the_documented_delay(
     anvil: Anvil, tmp_path: Path
 ) -> None:
     setup = Setup(tmp_path)
     try:
-        owner = anvil.new_account()
-        key = "0x" + bytes(owner.key).hex()
-        contract = anvil.deploy(owner)
-        added = gov(anvil, key, "add-image", setup.image, "--app", "app-a", "--contract", contract)
-        assert added.returncode == 0, added.stderr.decode()
-
-        kms = (
-            setup.kms(
-                "--rpc-url",
-                anvil.url,
-                "--contract",
-                contract,
-                "--chain-id",
-                str(anvil.chain_id),
-                "--revocation-delay",
-                str(REVOCATION_DELAY),
-                images=(),
-            )
-            .start()
-            .wait_listening()
+        kms, key, contract = kms_on_chain(
+            anvil, setup, "--revocation-delay", str(REVOCATION_DELAY)
         )
         released = setup.get_key(kms.url, "--stdout", "--format", "hex")
         assert released.returncode == 0, released.stderr.decode()
@@ -138,15 +136,9 @@ def test_a_stop_does_not_wait_for_a_request_stuck_on_the_chain(
     setup = Setup(tmp_path)
     held: socket.socket | None = None
     try:
-        owner = node.new_account()
-        contract = node.deploy(owner)
-        key = "0x" + bytes(owner.key).hex()
-        added = gov(node, key, "add-image", setup.image, "--app", "app-a", "--contract", contract)
-        assert added.returncode == 0, added.stderr.decode()
-        kms = setup.kms(
-            "--rpc-url", node.url, "--contract", contract, "--chain-id", str(node.chain_id),
-            "--rpc-timeout", "60", "--workers", str(workers), "--threads", "2", images=(),
-        ).start().wait_listening()
+        kms, _, _ = kms_on_chain(
+            node, setup, "--rpc-timeout", "60", "--workers", str(workers), "--threads", "2"
+        )
         node.process.send_signal(signal.SIGSTOP)
         time.sleep(1.2)  # past the readiness answer's 1 s cache: /v1/health asks the node
         port = int(kms.url.rsplit(":", 1)[1])
